@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite).
+# Both do all set-up themselves (scripts/setup.sh) and are safe to run again.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint typecheck unit integration bench-formats clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup lint typecheck
+	$(VENV)/bin/pytest -q tests
+
+unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: setup
+	$(VENV)/bin/pytest -q tests/integration
+
+lint: setup
+	$(VENV)/bin/ruff check snapshotter tests bench scripts
+	$(VENV)/bin/ruff format --check snapshotter tests bench scripts
+
+typecheck: setup
+	$(VENV)/bin/mypy snapshotter
+
+bench-formats: setup
+	$(PY) -m bench.formats
+
+clean:
+	rm -rf $(VENV) demo-out bench/out .pytest_cache .mypy_cache .ruff_cache .hypothesis

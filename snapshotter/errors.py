@@ -1,0 +1,46 @@
+"""The typed errors pysoci raises for bad input and unavailable data.
+
+Every malformed external input (zTOC, checkpoint blob, tar header, manifest, compressed
+stream) becomes a subclass of FormatError; the service maps these to gRPC codes and the
+filesystem to errno, so nothing else in the code base needs to guess.
+"""
+
+
+class PysociError(Exception):
+    """Base of every error pysoci raises on purpose."""
+
+
+class FormatError(PysociError, ValueError):
+    """Input does not follow the format it claims to be in."""
+
+
+class ZtocError(FormatError):
+    """A zTOC flatbuffer is malformed or inconsistent."""
+
+
+class CheckpointError(FormatError):
+    """A checkpoint (zinfo) blob is malformed or inconsistent with its zTOC."""
+
+
+class TarFormatError(FormatError):
+    """A tar stream is malformed or uses an entry kind SOCI does not support."""
+
+
+class CompressionError(FormatError):
+    """Compressed data is corrupt, truncated or in an unsupported format."""
+
+
+class ManifestError(FormatError):
+    """An OCI manifest, index, descriptor or SOCI artifact is malformed."""
+
+
+class DigestMismatchError(FormatError):
+    """Bytes do not hash to the digest that names them."""
+
+
+class ContentNotFoundError(PysociError, LookupError):
+    """A blob, manifest or tag is not in the content store."""
+
+
+class TimestampError(FormatError):
+    """A timestamp string (RFC 3339) is malformed or out of range."""
