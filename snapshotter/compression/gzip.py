@@ -1,0 +1,278 @@
+"""gzip random access: build checkpoints in one streaming pass, inflate spans from them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Final
+
+from snapshotter.compression.indexer import LayerIndexResult
+from snapshotter.compression.zlib import (
+    DATA_TYPE_BITS_MASK,
+    DATA_TYPE_BLOCK_END,
+    DATA_TYPE_LAST_BLOCK,
+    WBITS_AUTO,
+    WBITS_GZIP,
+    WBITS_RAW,
+    Z_BLOCK,
+    Z_BUF_ERROR,
+    Z_NO_FLUSH,
+    Z_STREAM_END,
+    Inflater,
+)
+from snapshotter.errors import CheckpointError, CompressionError
+from snapshotter.soci.zinfo import (
+    CHECKPOINT_SIZE,
+    HEADER_SIZE,
+    WINDOW_SIZE,
+    GzipZinfo,
+)
+from snapshotter.soci.ztoc import CompressionAlgorithm
+
+GZIP_MAGIC: Final = b"\x1f\x8b"
+GZIP_TRAILER_SIZE: Final = 8
+_OUT_CHUNK: Final = 256 * 1024
+MAX_DEFLATE_RATIO: Final = 1032
+"""Deflate's best case: one 258-byte match per 2 bits of input."""
+
+_IN_MEMBER: Final = 0
+_BETWEEN_MEMBERS: Final = 1
+_IN_PADDING: Final = 2
+
+
+def _sha256_digest(h: hashlib._Hash) -> str:
+    return "sha256:" + h.hexdigest()
+
+
+class GzipCheckpointer:
+    """Streaming zTOC checkpoint builder for a gzip layer (one or more members).
+
+    Push compressed chunks with `feed()` and exhaust each returned iterator: it yields the
+    uncompressed output as it is produced (views into an internal buffer, valid until the
+    next item). `finish()` returns the checkpoint blob and the span digests.
+
+    After the last member, trailing zero bytes are accepted (they belong to the last span);
+    any other trailing data that is not a further gzip member is an error.
+    """
+
+    def __init__(self, span_size: int) -> None:
+        if span_size <= 0:
+            raise ValueError(f"span size must be positive, got {span_size}")
+        self._span_size = span_size
+        self._inflater = Inflater(WBITS_AUTO)
+        # [0, WINDOW_SIZE) always holds the 32 KiB before the write position (zeros at first).
+        self._buf = bytearray(WINDOW_SIZE + _OUT_CHUNK)
+        self._view = memoryview(self._buf)
+        self._pos = WINDOW_SIZE
+        self._state = _IN_MEMBER
+        self._fed = 0
+        self._total_in = 0
+        self._total_out = 0
+        self._last_out = 0
+        self._last_byte = 0
+        self._checkpoints: list[bytes] = []
+        self._digests: list[str] = []
+        self._hasher: hashlib._Hash | None = None
+        self._hashed_to = 0
+        self._finished = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+        """Consume one chunk of the compressed layer; the iterator MUST be exhausted."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        if self._fed != self._total_in:
+            raise RuntimeError("the previous feed() iterator was not exhausted")
+        mv = memoryview(data).cast("B")
+        self._fed += len(mv)
+        return self._process(mv)
+
+    def _process(self, data: memoryview) -> Iterator[memoryview]:
+        inflater = self._inflater
+        buf = self._buf
+        view = self._view
+        span_size = self._span_size
+        buf_size = len(buf)
+        n = len(data)
+        base = self._total_in
+        pos = 0
+        stalls = 0
+        try:
+            while pos < n:
+                if self._state != _IN_MEMBER:
+                    pos = self._between_members(data, pos, base)
+                    continue
+                out_pos = self._pos
+                if out_pos == buf_size:
+                    buf[:WINDOW_SIZE] = view[buf_size - WINDOW_SIZE :]
+                    out_pos = WINDOW_SIZE
+                ret, consumed, produced, data_type = inflater.inflate(
+                    data, buf, Z_BLOCK, in_pos=pos, out_pos=out_pos
+                )
+                pos += consumed
+                if produced:
+                    self._pos = out_pos + produced
+                    self._total_out += produced
+                    yield view[out_pos : out_pos + produced]
+                if ret == Z_STREAM_END:
+                    self._state = _BETWEEN_MEMBERS
+                    continue
+                if ret == Z_BUF_ERROR or (consumed == 0 and produced == 0):
+                    stalls += 1
+                    if stalls > 1:
+                        raise CompressionError(f"inflate stalled at offset {base + pos}")
+                else:
+                    stalls = 0
+                if data_type & DATA_TYPE_BLOCK_END and not data_type & DATA_TYPE_LAST_BLOCK:
+                    totout = self._total_out
+                    if not self._checkpoints or totout - self._last_out > span_size:
+                        self._add_checkpoint(data, base, base + pos, data_type)
+            if n:
+                if self._hasher is not None:
+                    self._hasher.update(data[self._hashed_to - base :])
+                    self._hashed_to = base + n
+                self._last_byte = data[n - 1]
+                self._total_in = base + n
+        finally:
+            # Let the caller reuse or resize its buffer.
+            inflater.release_buffers()
+
+    def _between_members(self, data: memoryview, pos: int, base: int) -> int:
+        if self._state == _BETWEEN_MEMBERS:
+            first = data[pos]
+            if first == GZIP_MAGIC[0]:
+                self._inflater.reset(WBITS_GZIP)
+                self._state = _IN_MEMBER
+                return pos
+            if first != 0:
+                raise CompressionError(
+                    f"trailing garbage after the last gzip member at offset {base + pos}"
+                )
+            self._state = _IN_PADDING
+        if bytes(data[pos:]).lstrip(b"\x00"):
+            raise CompressionError(
+                f"trailing garbage after the zero padding at offset {base + pos}"
+            )
+        return len(data)
+
+    def _add_checkpoint(self, data: memoryview, base: int, abs_in: int, data_type: int) -> None:
+        bits = data_type & DATA_TYPE_BITS_MASK
+        totout = self._total_out
+        window = self._view[self._pos - WINDOW_SIZE : self._pos]
+        self._checkpoints.append(
+            abs_in.to_bytes(8, "little", signed=True)
+            + totout.to_bytes(8, "little", signed=True)
+            + bytes((bits,))
+            + window
+        )
+        self._last_out = totout
+        if self._hasher is not None:
+            self._hasher.update(data[self._hashed_to - base : abs_in - base])
+            self._digests.append(_sha256_digest(self._hasher))
+        hasher = hashlib.sha256()
+        if bits:
+            local = abs_in - 1 - base
+            hasher.update(bytes((data[local] if local >= 0 else self._last_byte,)))
+        self._hasher = hasher
+        self._hashed_to = abs_in
+
+    def finish(self) -> LayerIndexResult:
+        """End of the layer: validate it ended cleanly and return the index."""
+        if self._finished:
+            raise RuntimeError("finish() called twice")
+        if self._fed != self._total_in:
+            raise RuntimeError("a feed() iterator was not exhausted")
+        self._finished = True
+        self._inflater.close()
+        if self._state == _IN_MEMBER:
+            if self._total_in == 0:
+                raise CompressionError("empty gzip stream")
+            raise CompressionError(
+                f"gzip stream truncated after {self._total_in} bytes (member not ended)"
+            )
+        if self._hasher is None or not self._checkpoints:
+            raise CompressionError("gzip stream has no deflate data")
+        self._digests.append(_sha256_digest(self._hasher))
+        count = len(self._checkpoints)
+        header = count.to_bytes(4, "little", signed=True) + self._span_size.to_bytes(
+            8, "little", signed=True
+        )
+        blob = b"".join([header, *self._checkpoints])
+        assert len(blob) == HEADER_SIZE + count * CHECKPOINT_SIZE
+        self._checkpoints.clear()
+        return LayerIndexResult(
+            algorithm=CompressionAlgorithm.GZIP,
+            zinfo_blob=blob,
+            span_digests=self._digests,
+            compressed_size=self._total_in,
+            uncompressed_size=self._total_out,
+            span_size=self._span_size,
+        )
+
+
+def inflate_spans(
+    zinfo: GzipZinfo, first: int, last: int, compressed: bytes | bytearray | memoryview
+) -> bytes:
+    """Inflate spans first..last (inclusive) from exactly their compressed bytes."""
+    if first > last:
+        raise CheckpointError(f"empty span range {first}..{last}")
+    c_start = zinfo.compressed_bounds(first)[0]
+    c_end = zinfo.compressed_bounds(last)[1]
+    u_start = zinfo.uncompressed_bounds(first)[0]
+    u_end = zinfo.uncompressed_bounds(last)[1]
+    if len(compressed) != c_end - c_start:
+        raise CompressionError(
+            f"spans {first}..{last} need {c_end - c_start} compressed bytes, got {len(compressed)}"
+        )
+    want = u_end - u_start
+    if want == 0:
+        return b""
+    # Bound the allocation by what the given bytes could possibly inflate to.
+    if want > MAX_DEFLATE_RATIO * len(compressed) + WINDOW_SIZE:
+        raise CompressionError(
+            f"spans {first}..{last}: {want} bytes cannot come from {len(compressed)} "
+            "compressed bytes"
+        )
+    src = memoryview(compressed).cast("B")
+    out = bytearray(want)
+    n = len(src)
+    with Inflater(WBITS_RAW) as inflater:
+        pos = 0
+        bits = zinfo.bits(first)
+        if bits:
+            if n == 0:
+                raise CompressionError(f"span {first}: no compressed bytes")
+            inflater.prime(bits, src[0] >> (8 - bits))
+            pos = 1
+        inflater.set_dictionary(zinfo.window(first))
+        done = 0
+        raw = True
+        while True:
+            ret, consumed, produced, _ = inflater.inflate(
+                src, out, Z_NO_FLUSH, in_pos=pos, out_pos=done
+            )
+            pos += consumed
+            done += produced
+            if done == want:
+                break
+            if ret == Z_STREAM_END:
+                # The spans continue in the next gzip member. Only the first (raw) stream
+                # leaves its trailer to us; gzip-mode streams consume their own.
+                if raw:
+                    pos += GZIP_TRAILER_SIZE
+                    raw = False
+                if pos >= n:
+                    raise CompressionError(
+                        f"spans {first}..{last}: gzip member ended after {done} of {want} bytes"
+                    )
+                inflater.reset(WBITS_GZIP)
+                continue
+            if pos >= n or (consumed == 0 and produced == 0):
+                raise CompressionError(
+                    f"spans {first}..{last}: compressed data ended after {done} of {want} bytes"
+                )
+    return bytes(out)
+
+
+def inflate_span(zinfo: GzipZinfo, span: int, compressed: bytes | bytearray | memoryview) -> bytes:
+    """Inflate one span from exactly its compressed bytes."""
+    return inflate_spans(zinfo, span, span, compressed)
