@@ -1,0 +1,1 @@
+"""pysoci benchmarks (not part of the test run)."""
