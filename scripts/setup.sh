@@ -9,6 +9,7 @@ APT_PACKAGES=(
   gzip pigz zstd tar
   flatbuffers-compiler   # flatc: independent zTOC reader generated in the tests
   umoci skopeo           # build and inspect OCI image layouts
+  docker-registry        # the real registry the registry tests run against
 )
 
 missing=()

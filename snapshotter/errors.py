@@ -44,3 +44,27 @@ class ContentNotFoundError(PysociError, LookupError):
 
 class TimestampError(FormatError):
     """A timestamp string (RFC 3339) is malformed or out of range."""
+
+
+class InvalidReferenceError(FormatError):
+    """An image reference is not valid."""
+
+
+class RegistryError(PysociError):
+    """A registry could not do what was asked."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry could not be reached, or kept failing until the retry budget ran out."""
+
+
+class AuthenticationError(RegistryError):
+    """The registry refused our credentials (or we had none where it needs some)."""
+
+
+class RegistryNotFoundError(RegistryError, ContentNotFoundError):
+    """The registry has no such repository, manifest, tag or blob."""
+
+
+class RegistryResponseError(RegistryError, FormatError):
+    """The registry answered something malformed or unexpected (wrong status, size, range)."""

@@ -1,0 +1,76 @@
+"""Config parsing: soci's keys and defaults, unknown keys reported, wrong types refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapshotter.config import Config, ConfigError, HttpConfig, load_config, parse_config
+
+SOCI_STYLE = """
+[http]
+MaxRetries = 3
+DialTimeoutMsec = 1000
+
+[[resolver.host."docker.io".mirrors]]
+host = "mirror.example:5000"
+insecure = true
+
+[[resolver.host."docker.io".mirrors]]
+host = "second.example"
+header = { X-Test = "1" }
+
+[registry]
+config_path = "/etc/pysoci/certs.d"
+
+[fuse]
+attr_timeout = 1
+"""
+
+
+def test_defaults_are_socis() -> None:
+    assert Config().http == HttpConfig(3000, 3000, 300_000, 8, 30, 300_000)
+
+
+def test_soci_style_file() -> None:
+    config, unknown = parse_config(SOCI_STYLE)
+    assert config.http.MaxRetries == 3 and config.http.DialTimeoutMsec == 1000
+    assert config.http.MinWaitMsec == 30
+    mirrors = config.resolver.host["docker.io"].mirrors
+    assert [(m.host, m.insecure) for m in mirrors] == [
+        ("mirror.example:5000", True),
+        ("second.example", False),
+    ]
+    assert mirrors[1].header == {"X-Test": "1"}
+    assert config.registry.config_path == "/etc/pysoci/certs.d"
+    # Sections pysoci does not implement yet are reported, not silently dropped.
+    assert unknown == ["fuse"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[http]\nMaxRetries = 'three'",
+        "[http]\nMaxRetries = -1",
+        "[http]\nMaxRetries = true",
+        "http = 3",
+        "[[resolver.host.'x'.mirrors]]\ninsecure = true",
+        "[resolver.host.'x']\nmirrors = 'nope'",
+        "not toml [",
+    ],
+)
+def test_bad_values_are_config_errors(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_config(text)
+
+
+def test_load_reports_unknown_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[http]\nMaxRetrys = 1\n")
+    config, unknown = load_config(path)
+    assert unknown == ["http.MaxRetrys"]
+    assert config.http.MaxRetries == 8
+    assert "unknown key http.MaxRetrys" in caplog.text
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
