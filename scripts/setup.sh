@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   python3 python3-venv python3-dev pkg-config build-essential
+  fuse3 libfuse3-dev     # pyfuse3 builds against libfuse3; fusermount3 unmounts
   gzip pigz zstd tar
   flatbuffers-compiler   # flatc: independent zTOC reader generated in the tests
   umoci skopeo           # build and inspect OCI image layouts

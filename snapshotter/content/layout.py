@@ -179,37 +179,14 @@ class OciLayout:
         The digest is sha256 unless `expected_digest` names another algorithm; if given and
         the content does not match, nothing is stored and DigestMismatchError is raised.
         """
-        hasher = digest_hasher(expected_digest) if expected_digest else hashlib.sha256()
-        blobs = self.root / BLOBS_DIR
-        blobs.mkdir(exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=blobs)
-        try:
-            size = 0
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    hasher.update(chunk)
-                    f.write(chunk)
-                    size += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            digest = f"{hasher.name}:{hasher.hexdigest()}"
-            if expected_digest is not None and digest != expected_digest:
-                raise DigestMismatchError(
-                    f"streamed blob hashes to {digest}, expected {expected_digest}"
-                )
-            path = self.blob_path(digest)
-            if self._blob_present(path, size):
-                os.unlink(tmp_name)
-                return digest, size
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        _fsync_dir(path.parent)
-        return digest, size
+        with self.blob_writer(expected_digest) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+            return writer.commit()
+
+    def blob_writer(self, expected_digest: str | None = None) -> BlobWriter:
+        """An incremental writer for one blob (for producers that are not iterables)."""
+        return BlobWriter(self, expected_digest)
 
     @staticmethod
     def _blob_present(path: Path, size: int) -> bool:
@@ -351,3 +328,58 @@ def _looks_like_digest(ref: str) -> bool:
     except ManifestError:
         return False
     return True
+
+
+class BlobWriter:
+    """Writes one blob incrementally and atomically: `write()` chunks, then `commit()`.
+
+    Leaving the `with` block without a commit discards the temporary file; nothing partial is
+    ever visible under `blobs/`.
+    """
+
+    def __init__(self, layout: OciLayout, expected_digest: str | None) -> None:
+        self._layout = layout
+        self._expected = expected_digest
+        self._hasher = digest_hasher(expected_digest) if expected_digest else hashlib.sha256()
+        blobs = layout.root / BLOBS_DIR
+        blobs.mkdir(exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=blobs)
+        self._file = os.fdopen(fd, "wb")
+        self.size = 0
+        self._done = False
+
+    def write(self, chunk: bytes) -> None:
+        """Append a chunk."""
+        self._hasher.update(chunk)
+        self._file.write(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> tuple[str, int]:
+        """Verify and move the blob into place; return (digest, size)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        digest = f"{self._hasher.name}:{self._hasher.hexdigest()}"
+        if self._expected is not None and digest != self._expected:
+            raise DigestMismatchError(
+                f"streamed blob hashes to {digest}, expected {self._expected}"
+            )
+        path = self._layout.blob_path(digest)
+        if OciLayout._blob_present(path, self.size):
+            os.unlink(self._tmp)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(self._tmp, 0o644)
+            os.replace(self._tmp, path)
+            _fsync_dir(path.parent)
+        self._done = True
+        return digest, self.size
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
