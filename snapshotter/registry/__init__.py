@@ -1,0 +1,1 @@
+"""Registry access: image references, the async HTTP client, auth, hosts and mirrors."""
