@@ -43,12 +43,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PysociError as e:
         print(f"pysoci: {e}", file=sys.stderr)
         return 1
+    except ExceptionGroup as group:
+        # Errors of concurrent work (several layers, several blobs) arrive grouped.
+        matched, rest = group.split(PysociError)
+        if rest is not None or matched is None:
+            raise
+        for leaf in _leaves(matched):
+            print(f"pysoci: {leaf}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"pysoci: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1
     return code
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 if __name__ == "__main__":
