@@ -1,0 +1,1 @@
+"""Span fetching: the span manager, the disk cache, the background fetcher."""

@@ -1,0 +1,782 @@
+"""The span manager: the one owner of a layer's span state.
+
+A span's compressed bytes are ABSENT, LOGGED (in the disk cache's log from an earlier run,
+not yet checked) or VERIFIED (on disk and matching the zTOC digest); a span being loaded has
+a pending `_Load` every interested reader waits on, so one fetch serves them all. Decompressed
+spans live in the shared, byte-bounded `SpanMemoryCache`.
+
+Bytes are served only after hashing: a span's compressed bytes are checked against its zTOC
+digest right after they arrive and again each time they are read back from disk to be
+inflated (hashing is a fraction of the inflate cost, and it makes the disk cache — crash
+leftovers, tampering, a layer being dropped — unable to feed wrong bytes to a reader).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import trio
+
+from snapshotter.compression.gzip import inflate_spans
+from snapshotter.errors import (
+    DigestMismatchError,
+    FormatError,
+    PysociError,
+    RegistryResponseError,
+    RegistryUnavailableError,
+)
+from snapshotter.fetch.cache import LayerCache
+from snapshotter.fetch.config import FetchConfig
+from snapshotter.soci.zinfo import GzipZinfo, Zinfo, decode_zinfo
+from snapshotter.soci.ztoc import Ztoc
+
+log = logging.getLogger(__name__)
+
+ABSENT: Final = 0
+LOGGED: Final = 1
+VERIFIED: Final = 2
+
+_SEQUENTIAL_SLACK: Final = 1 << 20
+"""A read starting this close to the previous read's end counts as sequential."""
+_MAX_ROUNDS: Final = 8
+"""Loads a read may wait on before giving up (each round is a cancelled or evicted load)."""
+
+
+class LayerClosedError(PysociError):
+    """The layer was unmounted (its span manager closed) while it was being read."""
+
+
+class RangeSource(Protocol):
+    """Where compressed layer bytes come from (the registry, in the daemon)."""
+
+    async def fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each half-open range, in one request when possible.
+
+        Raises RegistryError subclasses, or FormatError for a malformed answer.
+        """
+        ...
+
+
+class SpanMemoryCache:
+    """LRU of decompressed spans, keyed by (layer digest, span), bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"negative memory cache bound {max_bytes}")
+        self.max_bytes = max_bytes
+        self.usage = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        """The cached bytes (marked most recently used), or None."""
+        data = self._entries.get(key)
+        if data is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return data
+
+    def put(self, key: tuple[str, int], data: bytes) -> bool:
+        """Cache `data`, evicting least recently used spans; False if it can never fit."""
+        if len(data) > self.max_bytes:
+            return False
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.usage -= len(old)
+        self._entries[key] = data
+        self.usage += len(data)
+        while self.usage > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.usage -= len(evicted)
+        return True
+
+    def discard_layer(self, digest: str) -> None:
+        """Drop every span of one layer."""
+        for key in [k for k in self._entries if k[0] == digest]:
+            self.usage -= len(self._entries.pop(key))
+
+
+class ForegroundActivity:
+    """What the background fetcher must yield to: reads waiting on the network, recent fetches.
+
+    One per daemon, shared by every span manager and the background fetcher.
+    """
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.last_activity = -math.inf
+        self.preemptions = 0
+        self._lot = trio.lowlevel.ParkingLot()
+        self._preemptible: set[trio.CancelScope] = set()
+
+    def note_activity(self) -> None:
+        """A foreground fetch (or a mount) just happened: restart the silence period."""
+        self.last_activity = trio.current_time()
+        self._lot.unpark_all()
+
+    def begin_wait(self) -> None:
+        """A read starts waiting on the network; cancels preemptible background requests."""
+        self.waiting += 1
+        for scope in self._preemptible:
+            if not scope.cancel_called:
+                scope.cancel()
+                self.preemptions += 1
+
+    def end_wait(self) -> None:
+        """That read stopped waiting."""
+        self.waiting -= 1
+        self.note_activity()
+
+    @contextmanager
+    def preemptible(self, scope: trio.CancelScope) -> Iterator[None]:
+        """Register a background request that foreground waits may cancel."""
+        self._preemptible.add(scope)
+        try:
+            yield
+        finally:
+            self._preemptible.discard(scope)
+
+    async def wait_quiet(self, silence: float) -> None:
+        """Return once no read waits and `silence` seconds passed since the last activity."""
+        while True:
+            if self.waiting > 0:
+                await self._lot.park()
+                continue
+            remaining = self.last_activity + silence - trio.current_time()
+            if remaining <= 0:
+                return
+            with trio.move_on_after(remaining):
+                await self._lot.park()
+
+
+@dataclass(eq=False)
+class _Load:
+    """One in-flight operation bringing some spans to VERIFIED (and maybe into memory)."""
+
+    spans: list[int]
+    network: bool
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class SpanClaim:
+    """Spans reserved for one background request (see `SpanManager.claim_missing`)."""
+
+    spans: list[int]
+    network_bytes: int
+    _load: _Load
+
+
+def _runs(spans: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted span ids → inclusive runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for s in sorted(set(spans)):
+        if runs and runs[-1][1] == s - 1:
+            runs[-1] = (runs[-1][0], s)
+        else:
+            runs.append((s, s))
+    return runs
+
+
+def _rethrow(err: Exception) -> Exception:
+    """A fresh copy of an error shared by several waiting readers."""
+    try:
+        return copy.copy(err)
+    except Exception:
+        return RegistryUnavailableError(str(err))
+
+
+class SpanManager:
+    """Serves a layer's uncompressed bytes from verified spans; start `run()` in a nursery."""
+
+    def __init__(
+        self,
+        layer_digest: str,
+        ztoc: Ztoc,
+        source: RangeSource,
+        cache: LayerCache,
+        *,
+        memory: SpanMemoryCache,
+        config: FetchConfig | None = None,
+        activity: ForegroundActivity | None = None,
+    ) -> None:
+        self.digest = layer_digest
+        self.config = config or FetchConfig()
+        self.activity = activity or ForegroundActivity()
+        self._zinfo: Zinfo = decode_zinfo(
+            ztoc.compression_algorithm,
+            ztoc.checkpoints,
+            compressed_size=ztoc.compressed_archive_size,
+            uncompressed_size=ztoc.uncompressed_archive_size,
+        )
+        n = self._zinfo.num_spans
+        if n != ztoc.max_span_id + 1 or len(ztoc.span_digests) != n:
+            raise FormatError(
+                f"zTOC of {layer_digest}: {ztoc.max_span_id + 1} spans, "
+                f"{len(ztoc.span_digests)} digests, checkpoints for {n}"
+            )
+        if cache.compressed_size != ztoc.compressed_archive_size:
+            raise FormatError(
+                f"cache of {layer_digest} is for {cache.compressed_size} bytes, the zTOC says "
+                f"{ztoc.compressed_archive_size}"
+            )
+        self._gzip = isinstance(self._zinfo, GzipZinfo)
+        self._span_digests = list(ztoc.span_digests)
+        self._source = source
+        self._cache = cache
+        self._memory = memory
+        self._size = ztoc.compressed_archive_size
+        self._usize = ztoc.uncompressed_archive_size
+        self._state = bytearray(n)
+        for s in cache.present_spans():
+            if s < n:
+                self._state[s] = LOGGED
+        self._pending: dict[int, _Load] = {}
+        self._verified = 0
+        self._verified_bytes = 0
+        self._nursery: trio.Nursery | None = None
+        self._run_done: trio.Event | None = None
+        self._close_done: trio.Event | None = None
+        self._closed = False
+        self._busy = 0
+        self._idle = trio.lowlevel.ParkingLot()
+        self._fill_scopes: set[trio.CancelScope] = set()
+        self._prev_end = -1
+        self._bg_cursor = 0
+        self._waiting = 0
+        self._last_error = ""
+        self._cache_write_failed = False
+        self.layer_verified: bool | None = None
+        """Whole-layer digest check: None until done, then its outcome."""
+        self.network_requests = 0
+        self.network_bytes = 0
+        self.digest_mismatches = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the manager's nursery (loads, readahead) until `close()`."""
+        if self._closed or self._run_done is not None:
+            raise RuntimeError("SpanManager.run() called twice or after close()")
+        self._run_done = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._closed = True
+            self._run_done.set()
+
+    async def close(self) -> None:
+        """Stop every load of this layer, wait for them, release the caches."""
+        if self._close_done is not None:
+            await self._close_done.wait()
+            return
+        self._close_done = trio.Event()
+        self._closed = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        for scope in self._fill_scopes:
+            scope.cancel()
+        if self._run_done is not None:
+            await self._run_done.wait()
+        while self._busy:
+            await self._idle.park()
+        self._memory.discard_layer(self.digest)
+        self._cache.close()
+        self._close_done.set()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LayerClosedError(f"layer {self.digest} is closed")
+
+    @contextmanager
+    def _busy_section(self) -> Iterator[None]:
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.unpark_all()
+
+    # --------------------------------------------------------------- foreground
+
+    @property
+    def num_spans(self) -> int:
+        """Number of spans of the layer."""
+        return len(self._state)
+
+    @property
+    def foreground_waiting(self) -> int:
+        """Reads of this layer currently waiting on the network."""
+        return self._waiting
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Uncompressed layer bytes [offset, offset + length), clipped at the layer's end."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"invalid read: offset {offset}, length {length}")
+        self._check_open()
+        end = min(offset + length, self._usize)
+        if offset >= end:
+            return b""
+        spans = self._zinfo.spans_for_range(offset, end - offset)
+        sequential = (
+            self._prev_end >= 0
+            and self._prev_end - _SEQUENTIAL_SLACK <= offset <= self._prev_end + _SEQUENTIAL_SLACK
+        )
+        self._prev_end = end
+        with self._busy_section():
+            pieces = await self._uncompressed(spans.start, spans.stop - 1, sequential)
+        first = spans.start
+        base = self._zinfo.uncompressed_bounds(first)[0]
+        if len(spans) == 1:
+            return pieces[first][offset - base : end - base]
+        out = bytearray()
+        for s in spans:
+            s_start, s_end = self._zinfo.uncompressed_bounds(s)
+            lo, hi = max(offset, s_start), min(end, s_end)
+            out += memoryview(pieces[s])[lo - s_start : hi - s_start]
+        return bytes(out)
+
+    async def _uncompressed(self, first: int, last: int, sequential: bool) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        for round_ in range(_MAX_ROUNDS):
+            self._check_open()
+            want: list[int] = []
+            for s in range(first, last + 1):
+                if s in out:
+                    continue
+                data = self._memory.get((self.digest, s))
+                if data is None:
+                    want.append(s)
+                else:
+                    out[s] = data
+            if want:
+                fresh = [s for s in want if s not in self._pending]
+                if fresh:
+                    self._start_load(fresh, inflate=True)
+            if round_ == 0 and sequential:
+                self._readahead(last + 1)
+            if not want:
+                return out
+            loads = {s: self._pending[s] for s in want}
+            await self._wait(set(loads.values()))
+            direct: list[int] = []
+            for s in want:
+                if (self.digest, s) in self._memory:
+                    continue
+                if self._state[s] == VERIFIED:
+                    direct.append(s)
+                    continue
+                err = loads[s].error
+                if err is not None:
+                    raise _rethrow(err) from err
+            if direct:
+                # Loaded but not in memory (too big for it, or already evicted).
+                out.update(await self._inflate_from_disk(direct))
+        raise RegistryUnavailableError(
+            f"layer {self.digest}: spans {first}..{last} could not be loaded "
+            f"(loads kept being cancelled)"
+        )
+
+    async def _wait(self, loads: set[_Load]) -> None:
+        network = any(load.network for load in loads)
+        if network:
+            self._waiting += 1
+            self.activity.begin_wait()
+        try:
+            for load in loads:
+                await load.done.wait()
+        finally:
+            if network:
+                self._waiting -= 1
+                self.activity.end_wait()
+
+    def _readahead(self, start: int) -> None:
+        stop = min(start + self.config.readahead_spans, len(self._state))
+        todo = [
+            s
+            for s in range(start, stop)
+            if s not in self._pending and (self.digest, s) not in self._memory
+        ]
+        if todo:
+            self._start_load(todo, inflate=True)
+
+    def _start_load(self, spans: list[int], *, inflate: bool) -> _Load:
+        if self._nursery is None:
+            raise LayerClosedError(f"layer {self.digest} is not running (run() not started)")
+        load = self._register(spans)
+        self._nursery.start_soon(self._load_task, load, inflate)
+        return load
+
+    def _register(self, spans: list[int]) -> _Load:
+        load = _Load(spans, network=any(self._state[s] == ABSENT for s in spans))
+        for s in spans:
+            self._pending[s] = load
+        return load
+
+    def _settle(self, load: _Load) -> None:
+        for s in load.spans:
+            if self._pending.get(s) is load:
+                del self._pending[s]
+        load.done.set()
+
+    async def _load_task(self, load: _Load, inflate: bool) -> None:
+        # Errors are recorded in the load for its waiters; raising would cancel the nursery.
+        with suppress(Exception):
+            await self._load(load, inflate=inflate, foreground=True)
+
+    async def _load(self, load: _Load, *, inflate: bool, foreground: bool) -> None:
+        try:
+            absent = [s for s in load.spans if self._state[s] == ABSENT]
+            on_disk = [s for s in load.spans if self._state[s] != ABSENT]
+            if on_disk:
+                results = await trio.to_thread.run_sync(self._disk_job, on_disk, inflate)
+                good, bad, inflated = results
+                self._apply(good, inflated)
+                for s in bad:
+                    self._mark_absent(s)
+                absent = sorted([*absent, *bad])
+            if absent:
+                await self._fetch(absent, inflate=inflate, foreground=foreground)
+        except Exception as exc:
+            load.error = exc
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        except BaseException:
+            load.cancelled = True
+            raise
+        finally:
+            self._settle(load)
+
+    async def _inflate_from_disk(self, spans: list[int]) -> dict[int, bytes]:
+        _good, bad, inflated = await trio.to_thread.run_sync(self._disk_job, spans, True)
+        for s in bad:
+            self._mark_absent(s)
+        return inflated
+
+    # -------------------------------------------------------------- the network
+
+    def _fetch_start(self, span: int) -> int:
+        # The gzip header before checkpoint 0 travels with span 0: a full cache file is the blob.
+        return 0 if span == 0 else self._zinfo.compressed_bounds(span)[0]
+
+    def _coalesce(self, spans: list[int], max_bytes: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for a, b in _runs(spans):
+            start = a
+            for s in range(a, b + 1):
+                if s > start and (
+                    self._zinfo.compressed_bounds(s)[1] - self._fetch_start(start) > max_bytes
+                ):
+                    out.append((start, s - 1))
+                    start = s
+            out.append((start, b))
+        return out
+
+    async def _fetch(self, spans: list[int], *, inflate: bool, foreground: bool) -> None:
+        todo = spans
+        retries = max(0, self.config.max_span_verification_retries)
+        for attempt in range(retries + 1):
+            runs = self._coalesce(todo, self.config.max_request_bytes)
+            ranges = [(self._fetch_start(a), self._zinfo.compressed_bounds(b)[1]) for a, b in runs]
+            datas = await self._request(ranges, foreground)
+            good, bad, inflated = await trio.to_thread.run_sync(
+                self._store_job, runs, ranges, datas, inflate
+            )
+            self._apply(good, inflated)
+            if not bad:
+                return
+            self.digest_mismatches += len(bad)
+            if attempt < retries:
+                log.warning(
+                    "layer %s: spans %s do not match their zTOC digests; refetching",
+                    self.digest,
+                    bad,
+                )
+            todo = bad
+        log.error(
+            "layer %s: spans %s still do not match their zTOC digests after %d attempts; "
+            "refusing to serve them",
+            self.digest,
+            todo,
+            retries + 1,
+        )
+        raise DigestMismatchError(
+            f"layer {self.digest}: spans {todo} do not match their zTOC digests "
+            f"after {retries + 1} fetches"
+        )
+
+    async def _request(self, ranges: list[tuple[int, int]], foreground: bool) -> list[bytes]:
+        if foreground:
+            self.activity.note_activity()
+        timeout = self.config.fetching_timeout_sec
+        self.network_requests += 1 if not self.config.force_single_range_mode else len(ranges)
+        try:
+            with trio.fail_after(timeout):
+                if self.config.force_single_range_mode and len(ranges) > 1:
+                    datas: list[bytes] = [b""] * len(ranges)
+                    errors: list[Exception] = []
+
+                    async def one(i: int) -> None:
+                        # Caught here so the caller sees the typed error, not an ExceptionGroup.
+                        try:
+                            datas[i] = (await self._source.fetch([ranges[i]]))[0]
+                        except Exception as exc:
+                            errors.append(exc)
+
+                    async with trio.open_nursery() as nursery:
+                        for i in range(len(ranges)):
+                            nursery.start_soon(one, i)
+                    if errors:
+                        raise errors[0]
+                else:
+                    datas = await self._source.fetch(ranges)
+        except trio.TooSlowError:
+            raise RegistryUnavailableError(
+                f"layer {self.digest}: fetching {len(ranges)} range(s) timed out after {timeout} s"
+            ) from None
+        finally:
+            if foreground:
+                self.activity.note_activity()
+        if len(datas) != len(ranges):
+            raise RegistryResponseError(
+                f"layer {self.digest}: asked for {len(ranges)} ranges, got {len(datas)}"
+            )
+        for (start, end), data in zip(ranges, datas, strict=True):
+            if len(data) != end - start:
+                raise RegistryResponseError(
+                    f"layer {self.digest}: range {start}-{end} returned {len(data)} bytes, "
+                    f"expected {end - start}"
+                )
+        self.network_bytes += sum(len(d) for d in datas)
+        return datas
+
+    # ----------------------------------------------------- CPU work (in threads)
+
+    def _verify(self, first: int, last: int, data: memoryview, base: int) -> list[bool]:
+        ok: list[bool] = []
+        for s in range(first, last + 1):
+            start, end = self._zinfo.compressed_bounds(s)
+            digest = "sha256:" + hashlib.sha256(data[start - base : end - base]).hexdigest()
+            ok.append(digest == self._span_digests[s])
+        return ok
+
+    def _inflate(self, first: int, last: int, data: memoryview, base: int) -> dict[int, bytes]:
+        c_start = self._zinfo.compressed_bounds(first)[0]
+        c_end = self._zinfo.compressed_bounds(last)[1]
+        chunk = data[c_start - base : c_end - base]
+        if isinstance(self._zinfo, GzipZinfo):
+            plain = memoryview(inflate_spans(self._zinfo, first, last, chunk))
+        else:
+            plain = chunk
+        u_base = self._zinfo.uncompressed_bounds(first)[0]
+        out: dict[int, bytes] = {}
+        for s in range(first, last + 1):
+            u_start, u_end = self._zinfo.uncompressed_bounds(s)
+            out[s] = bytes(plain[u_start - u_base : u_end - u_base])
+        return out
+
+    def _disk_job(
+        self, spans: list[int], inflate: bool
+    ) -> tuple[list[int], list[int], dict[int, bytes]]:
+        good: list[int] = []
+        bad: list[int] = []
+        inflated: dict[int, bytes] = {}
+        for a, b in _runs(spans):
+            base = self._zinfo.compressed_bounds(a)[0]
+            data = memoryview(self._cache.read(base, self._zinfo.compressed_bounds(b)[1]))
+            flags = self._verify(a, b, data, base)
+            run_bad = [s for s, ok in zip(range(a, b + 1), flags, strict=True) if not ok]
+            good.extend(s for s, ok in zip(range(a, b + 1), flags, strict=True) if ok)
+            bad.extend(run_bad)
+            if run_bad:
+                log.warning(
+                    "layer %s: cached spans %s are damaged; refetching", self.digest, run_bad
+                )
+            if inflate:
+                for x, y in _runs(s for s, ok in zip(range(a, b + 1), flags, strict=True) if ok):
+                    inflated.update(self._inflate(x, y, data, base))
+        return good, bad, inflated
+
+    def _store_job(
+        self,
+        runs: list[tuple[int, int]],
+        ranges: list[tuple[int, int]],
+        datas: list[bytes],
+        inflate: bool,
+    ) -> tuple[list[int], list[int], dict[int, bytes]]:
+        good: list[int] = []
+        bad: list[int] = []
+        inflated: dict[int, bytes] = {}
+        for (a, b), (base, _), raw in zip(runs, ranges, datas, strict=True):
+            data = memoryview(raw)
+            flags = self._verify(a, b, data, base)
+            for x, y in _runs(s for s, ok in zip(range(a, b + 1), flags, strict=True) if ok):
+                start = self._fetch_start(x)
+                end = self._zinfo.compressed_bounds(y)[1]
+                stored = True
+                try:
+                    self._cache.write(start, data[start - base : end - base])
+                    self._cache.mark(range(x, y + 1))
+                except OSError as exc:
+                    stored = False
+                    if not self._cache_write_failed:
+                        self._cache_write_failed = True
+                        log.warning("layer %s: cannot write the span cache: %s", self.digest, exc)
+                if stored:
+                    good.extend(range(x, y + 1))
+                if inflate:
+                    inflated.update(self._inflate(x, y, data, base))
+            bad.extend(s for s, ok in zip(range(a, b + 1), flags, strict=True) if not ok)
+        return good, bad, inflated
+
+    def _apply(self, good: list[int], inflated: dict[int, bytes]) -> None:
+        for s in good:
+            if self._state[s] != VERIFIED:
+                self._state[s] = VERIFIED
+                self._verified += 1
+                self._verified_bytes += self._owned_bytes(s)
+        for s, data in inflated.items():
+            self._memory.put((self.digest, s), data)
+
+    def _owned_bytes(self, span: int) -> int:
+        # Spans share a byte when bits != 0; count [end of previous span, own end) instead.
+        end = self._zinfo.compressed_bounds(span)[1]
+        return end - (0 if span == 0 else self._zinfo.compressed_bounds(span - 1)[1])
+
+    def _mark_absent(self, span: int) -> None:
+        if self._state[span] == VERIFIED:
+            self._verified -= 1
+            self._verified_bytes -= self._owned_bytes(span)
+        self._state[span] = ABSENT
+
+    # --------------------------------------------------------------- background
+
+    @property
+    def complete(self) -> bool:
+        """Every span is verified on disk."""
+        return self._verified == len(self._state)
+
+    def missing_spans(self) -> list[int]:
+        """Spans not yet verified on disk (pending ones included)."""
+        return [s for s, st in enumerate(self._state) if st != VERIFIED]
+
+    def claim_missing(self, max_bytes: int) -> SpanClaim | None:
+        """Reserve the next run of unverified, unclaimed spans (≤ max_bytes, ≥ one span)."""
+        if self._closed or self.layer_verified is False:
+            return None
+        n = len(self._state)
+        first = -1
+        for i in range(n):
+            s = (self._bg_cursor + i) % n
+            if self._state[s] != VERIFIED and s not in self._pending:
+                first = s
+                break
+        if first < 0:
+            return None
+        spans = [first]
+        start = self._fetch_start(first)
+        s = first + 1
+        while (
+            s < n
+            and self._state[s] != VERIFIED
+            and s not in self._pending
+            and self._zinfo.compressed_bounds(s)[1] - start <= max_bytes
+        ):
+            spans.append(s)
+            s += 1
+        self._bg_cursor = s % n
+        network_bytes = 0
+        for x in spans:
+            if self._state[x] == ABSENT:
+                lo, hi = self._zinfo.compressed_bounds(x)
+                network_bytes += hi - (0 if x == 0 else lo)
+        return SpanClaim(spans, network_bytes, self._register(spans))
+
+    async def fill(self, claim: SpanClaim) -> None:
+        """Bring claimed spans to VERIFIED on disk (no inflate); errors are raised."""
+        self._check_open()
+        with trio.CancelScope() as scope, self._busy_section():
+            self._fill_scopes.add(scope)
+            try:
+                await self._load(claim._load, inflate=False, foreground=False)
+            finally:
+                self._fill_scopes.discard(scope)
+        if scope.cancelled_caught:
+            self._check_open()
+
+    def release(self, claim: SpanClaim) -> None:
+        """Give up a claim that was not (fully) filled; idempotent."""
+        if not claim._load.done.is_set():
+            claim._load.cancelled = True
+            self._settle(claim._load)
+
+    async def verify_layer(self) -> bool:
+        """Check the complete cache file against the layer digest; drop it on mismatch."""
+        if not self.complete:
+            raise RuntimeError("verify_layer() before every span is cached")
+        algorithm = self.digest.partition(":")[0]
+        with self._busy_section():
+            self._check_open()
+            got = await trio.to_thread.run_sync(self._cache.blob_digest, algorithm)
+        if got == self.digest:
+            self.layer_verified = True
+            return True
+        self.layer_verified = False
+        self._last_error = f"whole-layer digest {got} does not match"
+        log.error(
+            "layer %s: the complete cached blob hashes to %s; dropping its cache",
+            self.digest,
+            got,
+        )
+        self._cache.clear()
+        for s in range(len(self._state)):
+            self._mark_absent(s)
+        return False
+
+    def status(self) -> dict[str, Any]:
+        """soci's layer status fields, plus span counts."""
+        if self._closed:
+            state = "closed"
+        elif self.layer_verified is False:
+            state = "error"
+        elif self.layer_verified:
+            state = "complete"
+        elif self.complete:
+            state = "fetched"
+        else:
+            state = "fetching"
+        fetched = self._verified_bytes
+        return {
+            "digest": self.digest,
+            "size": self._size,
+            "fetchedSize": fetched,
+            "fetchedPercent": round(100.0 * fetched / self._size, 2) if self._size else 100.0,
+            "state": state,
+            "error": self._last_error,
+            "spansFetched": self._verified,
+            "spansTotal": len(self._state),
+        }
