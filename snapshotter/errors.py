@@ -68,3 +68,7 @@ class RegistryNotFoundError(RegistryError, ContentNotFoundError):
 
 class RegistryResponseError(RegistryError, FormatError):
     """The registry answered something malformed or unexpected (wrong status, size, range)."""
+
+
+class LayerClosedError(PysociError):
+    """The layer was unmounted (its span manager closed) while it was being read."""

@@ -29,7 +29,7 @@ from snapshotter.compression.gzip import inflate_spans
 from snapshotter.errors import (
     DigestMismatchError,
     FormatError,
-    PysociError,
+    LayerClosedError,
     RegistryResponseError,
     RegistryUnavailableError,
 )
@@ -48,10 +48,6 @@ _SEQUENTIAL_SLACK: Final = 1 << 20
 """A read starting this close to the previous read's end counts as sequential."""
 _MAX_ROUNDS: Final = 8
 """Loads a read may wait on before giving up (each round is a cancelled or evicted load)."""
-
-
-class LayerClosedError(PysociError):
-    """The layer was unmounted (its span manager closed) while it was being read."""
 
 
 class RangeSource(Protocol):

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from snapshotter.errors import (
     DigestMismatchError,
     FormatError,
+    LayerClosedError,
     RegistryResponseError,
     RegistryUnavailableError,
 )
@@ -26,7 +27,6 @@ from snapshotter.fetch.cache import DiskCache
 from snapshotter.fetch.config import FetchConfig
 from snapshotter.fetch.spans import (
     ForegroundActivity,
-    LayerClosedError,
     SpanManager,
     SpanMemoryCache,
 )
