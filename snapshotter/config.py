@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.errors import FormatError
+from snapshotter.fetch.config import FetchConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,90 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class FuseConfig:
+    """`[fuse]`: kernel cache lifetimes, seconds. Layers never change, so pysoci caches longer
+    than soci's 1 s by default."""
+
+    attr_timeout: int = 60
+    entry_timeout: int = 60
+    negative_timeout: int = 60
+
+
+@dataclass(frozen=True)
+class BackgroundFetchConfig:
+    """`[background_fetch]` (soci's keys)."""
+
+    disable: bool = False
+    silence_period_msec: int = 30_000
+    """Quiet time after the last foreground fetch (or a mount) before filling layers."""
+    fetch_period_msec: int = 500
+    """Idle re-scan period (soci throttles to a span per period; pysoci uses `[fetch]
+    background_rate_limit` instead)."""
+    max_queue_size: int = 300
+
+
+@dataclass(frozen=True)
+class BlobConfig:
+    """`[blob]` (soci's keys)."""
+
+    fetching_timeout_sec: int = 300
+    max_span_verification_retries: int = 1
+    force_single_range_mode: bool = False
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`[cache]` (pysoci): bounds of the span caches."""
+
+    max_bytes: int = 20 << 30
+    """Disk cache of compressed spans under ROOT/cache, across layers (unmounted layers are
+    evicted least recently used first)."""
+    memory_bytes: int = 256 << 20
+    """In-memory cache of decompressed spans, across layers."""
+
+
+@dataclass(frozen=True)
+class FetchTuningConfig:
+    """`[fetch]` (pysoci): how spans are requested."""
+
+    max_request_bytes: int = 16 << 20
+    readahead_spans: int = 2
+    background_connections: int = 4
+    background_request_bytes: int = 8 << 20
+    background_rate_limit: int = 0
+    """Bytes per second for the whole daemon's background fetching; 0: unlimited."""
+    background_preempt: bool = True
+
+
+@dataclass(frozen=True)
+class PullModeConfig:
+    """`[pull_modes.soci_v1]` / `[pull_modes.soci_v2]`."""
+
+    enable: bool = True
+
+
+@dataclass(frozen=True)
+class PullModesConfig:
+    """`[pull_modes]`: which ways of finding an image's SOCI index are used."""
+
+    soci_v1: PullModeConfig = field(default_factory=lambda: PullModeConfig(enable=True))
+    """soci's default is off; pysoci turns it on because `pysoci create/push` make v1 indexes."""
+    soci_v2: PullModeConfig = field(default_factory=PullModeConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
     http: HttpConfig = field(default_factory=HttpConfig)
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+    background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
+    blob: BlobConfig = field(default_factory=BlobConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    fetch: FetchTuningConfig = field(default_factory=FetchTuningConfig)
+    pull_modes: PullModesConfig = field(default_factory=PullModesConfig)
 
 
 def _typed(value: Any, want: Any, where: str) -> Any:
@@ -124,31 +203,35 @@ def _section(cls: type[Any], raw: Any, where: str, unknown: list[str]) -> Any:
         raise ConfigError(f"{where or 'config'}: {e}") from e
 
 
+_SECTIONS: dict[str, type[Any]] = {}
+
+
 def _value(
     cls: type[Any], key: str, type_name: Any, value: Any, path: str, unknown: list[str]
 ) -> Any:
-    hints = {
-        (ResolverConfig, "host"): "hosts",
-        (HostResolverConfig, "mirrors"): "mirrors",
-        (Config, "http"): HttpConfig,
-        (Config, "resolver"): ResolverConfig,
-        (Config, "registry"): RegistryConfig,
-    }
-    special = hints.get((cls, key))
-    if special == "hosts":
+    if (cls, key) == (ResolverConfig, "host"):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a table of hosts")
         return {
             h: _section(HostResolverConfig, v, f'{path}."{h}"', unknown) for h, v in value.items()
         }
-    if special == "mirrors":
+    if (cls, key) == (HostResolverConfig, "mirrors"):
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected an array of tables ([[...mirrors]])")
         return tuple(
             _section(MirrorConfig, m, f"{path}[{i}]", unknown) for i, m in enumerate(value)
         )
-    if isinstance(special, type):
-        return _section(special, value, path, unknown)
+    if not _SECTIONS:
+        _SECTIONS.update(
+            {
+                c.__name__: c
+                for c in globals().values()
+                if dataclasses.is_dataclass(c) and isinstance(c, type)
+            }
+        )
+    section = _SECTIONS.get(type_name)
+    if section is not None:
+        return _section(section, value, path, unknown)
     resolved = {"int": int, "bool": bool, "str": str, "dict[str, str]": dict[str, str]}[type_name]
     return _typed(value, resolved, path)
 
@@ -178,3 +261,25 @@ def load_config(path: Path | None = None) -> tuple[Config, list[str]]:
     for key in unknown:
         log.warning("config %s: unknown key %s (ignored)", path, key)
     return config, unknown
+
+
+def fetch_config(config: Config) -> FetchConfig:
+    """The span fetching settings, gathered from their sections."""
+    bg, blob, tune = config.background_fetch, config.blob, config.fetch
+    return FetchConfig(
+        disable=bg.disable,
+        silence_period_msec=bg.silence_period_msec,
+        fetch_period_msec=bg.fetch_period_msec,
+        max_queue_size=bg.max_queue_size,
+        fetching_timeout_sec=blob.fetching_timeout_sec,
+        max_span_verification_retries=blob.max_span_verification_retries,
+        force_single_range_mode=blob.force_single_range_mode,
+        cache_max_bytes=config.cache.max_bytes,
+        memory_cache_bytes=config.cache.memory_bytes,
+        max_request_bytes=tune.max_request_bytes,
+        readahead_spans=tune.readahead_spans,
+        background_connections=tune.background_connections,
+        background_request_bytes=tune.background_request_bytes,
+        background_rate_limit=tune.background_rate_limit,
+        background_preempt=tune.background_preempt,
+    )

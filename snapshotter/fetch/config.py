@@ -1,4 +1,5 @@
-"""Settings of span fetching (to move into snapshotter.config's `[background_fetch]`/`[blob]`)."""
+"""Settings of span fetching, as the fetch layer sees them (`snapshotter.config.fetch_config`
+builds them from the config file's `[background_fetch]`, `[blob]`, `[cache]` and `[fetch]`)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.config import Config, ConfigError, HttpConfig, load_config, parse_config
+from snapshotter.config import (
+    Config,
+    ConfigError,
+    HttpConfig,
+    fetch_config,
+    load_config,
+    parse_config,
+)
 
 SOCI_STYLE = """
 [http]
@@ -26,6 +33,15 @@ config_path = "/etc/pysoci/certs.d"
 
 [fuse]
 attr_timeout = 1
+
+[background_fetch]
+silence_period_msec = 100
+
+[pull_modes.soci_v1]
+enable = false
+
+[content_store]
+type = "containerd"
 """
 
 
@@ -44,8 +60,12 @@ def test_soci_style_file() -> None:
     ]
     assert mirrors[1].header == {"X-Test": "1"}
     assert config.registry.config_path == "/etc/pysoci/certs.d"
-    # Sections pysoci does not implement yet are reported, not silently dropped.
-    assert unknown == ["fuse"]
+    assert config.fuse.attr_timeout == 1 and config.fuse.entry_timeout == 60
+    assert not config.pull_modes.soci_v1.enable and config.pull_modes.soci_v2.enable
+    fetch = fetch_config(config)
+    assert fetch.silence_period_msec == 100 and fetch.max_span_verification_retries == 1
+    # Sections pysoci does not implement are reported, not silently dropped.
+    assert unknown == ["content_store"]
 
 
 @pytest.mark.parametrize(
