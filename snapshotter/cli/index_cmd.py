@@ -18,9 +18,10 @@ from typing import TypeVar
 import trio
 
 from snapshotter.cli.progress import LayerProgressPrinter, human_bytes
+from snapshotter.cli.registry_args import add_registry_options, add_root_option, registry_client
 from snapshotter.cli.sizes import parse_size, positive_size
 from snapshotter.compression.detect import Compression, compression_from_media_type
-from snapshotter.config import DEFAULT_ROOT, load_config
+from snapshotter.config import load_config
 from snapshotter.content.indexing import (
     IndexOptions,
     IndexResult,
@@ -30,10 +31,6 @@ from snapshotter.content.indexing import (
 from snapshotter.content.layout import OciLayout
 from snapshotter.content.remote import RemoteStore
 from snapshotter.errors import ContentNotFoundError
-from snapshotter.registry.auth import RegistryAuth
-from snapshotter.registry.client import RegistryClient
-from snapshotter.registry.credentials import CredentialStore, parse_user
-from snapshotter.registry.hosts import RegistryHosts
 from snapshotter.registry.reference import Reference, parse_reference
 from snapshotter.soci import oci
 from snapshotter.soci.build import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
@@ -47,36 +44,6 @@ def _layout_ref(text: str) -> tuple[str, str]:
     if not sep or "/" in tag:
         return text, "latest"
     return path, tag or "latest"
-
-
-def _add_store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--root",
-        type=Path,
-        default=DEFAULT_ROOT,
-        help=f"pysoci's root; the local content store is ROOT/content (default {DEFAULT_ROOT})",
-    )
-
-
-def _add_registry_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("registry")
-    g.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
-    g.add_argument(
-        "--skip-verify", action="store_true", help="do not verify registries' TLS certificates"
-    )
-    g.add_argument(
-        "--user",
-        metavar="USER:PASSWORD",
-        help="credentials for the registries named on the command line "
-        "(default: Docker's config.json and its credential helpers)",
-    )
-    g.add_argument(
-        "--config",
-        type=Path,
-        help="pysoci config file ([http] timeouts and retries, mirrors, hosts.toml directory; "
-        "default /etc/pysoci/config.toml when it exists)",
-    )
-    _add_store_options(p)
 
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
@@ -124,7 +91,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     c.add_argument("ref", metavar="REF", nargs="?", help="image reference in a registry")
     _add_build_options(c)
-    _add_registry_options(c)
+    add_registry_options(c)
     c.set_defaults(func=cmd_create)
 
     v = sub.add_parser(
@@ -144,7 +111,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "dst", metavar="DST", help="destination: a reference, or a tag with --oci-layout"
     )
     _add_build_options(v)
-    _add_registry_options(v)
+    add_registry_options(v)
     v.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -157,7 +124,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument("ref", metavar="REF")
-    _add_registry_options(p)
+    add_registry_options(p)
     p.set_defaults(func=cmd_push)
 
     i = sub.add_parser("index", help="list, show and remove SOCI indexes in a local store")
@@ -165,17 +132,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls = isub.add_parser("list", help="list SOCI indexes (local content store or --oci-layout)")
     ls.add_argument("--oci-layout", metavar="DIR")
     ls.add_argument("--ref", metavar="REF", help="only the indexes of this image")
-    _add_store_options(ls)
+    add_root_option(ls)
     ls.set_defaults(func=cmd_index_list)
     info = isub.add_parser("info", help="print a SOCI index manifest")
     info.add_argument("digest", metavar="DIGEST")
     info.add_argument("--oci-layout", metavar="DIR")
-    _add_store_options(info)
+    add_root_option(info)
     info.set_defaults(func=cmd_index_info)
     rm = isub.add_parser("rm", help="remove SOCI index entries from the store's index.json")
     rm.add_argument("digests", metavar="DIGEST", nargs="+")
     rm.add_argument("--oci-layout", metavar="DIR")
-    _add_store_options(rm)
+    add_root_option(rm)
     rm.set_defaults(func=cmd_index_rm)
 
 
@@ -209,19 +176,10 @@ def _run_with_registry(
     printer: LayerProgressPrinter | None = None,
 ) -> T:
     config, _unknown = load_config(args.config)
-    overrides = {}
-    if args.user:
-        creds = parse_user(args.user)
-        overrides = {ref.registry: creds for ref in refs}
-    docker_dir = Path(config.registry.docker_config) if config.registry.docker_config else None
-    credentials = CredentialStore(docker_dir, overrides=overrides)
-    hosts = RegistryHosts(config, plain_http=args.plain_http, skip_verify=args.skip_verify)
     store = _local_store(args, create=True)
 
     async def main() -> T:
-        async with RegistryClient(
-            config, hosts=hosts, auth=RegistryAuth(credentials.get), plain_http=args.plain_http
-        ) as client:
+        async with registry_client(args, config, refs) as client:
             return await body(RemoteStore(client, store, printer))
 
     try:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from snapshotter import __version__
-from snapshotter.cli import index_cmd, ztoc_cmd
+from snapshotter.cli import index_cmd, mount_cmd, ztoc_cmd
 from snapshotter.errors import PysociError
 
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ztoc_cmd.register(sub)
     index_cmd.register(sub)
+    mount_cmd.register(sub)
     return parser
 
 
