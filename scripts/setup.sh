@@ -10,6 +10,7 @@ APT_PACKAGES=(
   gzip pigz zstd tar
   flatbuffers-compiler   # flatc: independent zTOC reader generated in the tests
   umoci skopeo           # build and inspect OCI image layouts
+  debootstrap            # a real Debian rootfs image for the lazy filesystem tests
   docker-registry        # the real registry the registry tests run against
 )
 
