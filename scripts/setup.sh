@@ -11,6 +11,9 @@ APT_PACKAGES=(
   flatbuffers-compiler   # flatc: independent zTOC reader generated in the tests
   umoci skopeo           # build and inspect OCI image layouts
   debootstrap            # a real Debian rootfs image for the lazy filesystem tests
+  containerd runc        # the real containerd 1.6 and runtime the snapshotter serves
+  stargz-snapshotter     # ctr-remote: containerd's remote-snapshot pull
+  golang-github-containerd-containerd-dev  # containerd's API protos (reference for proto/)
   docker-registry        # the real registry the registry tests run against
 )
 
@@ -27,6 +30,20 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# nerdctl (a release that supports containerd 1.6), built from the Go module proxy. The
+# proxy answers for the version but not for the module's version list, which
+# `go install pkg@version` asks for: download the module and build it in place instead.
+NERDCTL_VERSION=v1.7.7
+if ! command -v nerdctl >/dev/null 2>&1; then
+  if command -v go >/dev/null 2>&1; then
+    echo "setup: building nerdctl $NERDCTL_VERSION"
+    dir=$(go mod download -json "github.com/containerd/nerdctl@$NERDCTL_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+    (cd "$dir" && GOFLAGS=-mod=mod go build -o /usr/local/bin/nerdctl ./cmd/nerdctl)
+  else
+    echo "setup: go is not installed; nerdctl tests will fail" >&2
+  fi
 fi
 
 PYTHON=${PYTHON:-python3}
