@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit integration bench-formats clean
+.PHONY: setup demo test lint typecheck unit integration bench-formats bench-lazyfs proto clean
 
 setup:
 	@scripts/setup.sh
@@ -29,6 +29,12 @@ typecheck: setup
 
 bench-formats: setup
 	$(PY) -m bench.formats
+
+proto: setup
+	scripts/gen_proto.sh
+
+bench-lazyfs: setup
+	$(PY) -m bench.lazyfs
 
 clean:
 	rm -rf $(VENV) demo-out bench/out .pytest_cache .mypy_cache .ruff_cache .hypothesis
