@@ -8,7 +8,6 @@ unpacked locally instead, and the log says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import trio
 from snapshotter.content.discovery import FoundIndex, Modes, fetch_ztoc, find_soci_index
 from snapshotter.content.layout import OciLayout
 from snapshotter.content.local_layers import LocalLayers
-from snapshotter.errors import FormatError, ManifestError, PysociError
+from snapshotter.errors import FormatError, PysociError
 from snapshotter.fetch.registry_source import RegistryRangeSource
 from snapshotter.layers import LazyLayers
 from snapshotter.registry.client import RegistryClient
@@ -57,17 +56,6 @@ def layer_id(digest: str) -> str:
     return digest.split(":", 1)[-1][:24]
 
 
-def _diff_ids(config: bytes) -> list[str]:
-    try:
-        obj = json.loads(config)
-        ids = obj["rootfs"]["diff_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise TypeError("diff_ids is not a list of strings")
-        return ids
-    except (ValueError, KeyError, TypeError) as e:
-        raise ManifestError(f"image config has no usable rootfs.diff_ids: {e}") from e
-
-
 class ImageLayers:
     """Makes an image's layers available as directories."""
 
@@ -96,11 +84,7 @@ class ImageLayers:
         """Resolve `ref` and make each of its layers available (lazily where possible)."""
         manifest_desc, manifest = await self.client.get_platform_manifest(ref, platform)
         config = await self.client.read_blob(ref, manifest.config.digest, max_size=4 << 20)
-        diff_ids = _diff_ids(config)
-        if len(diff_ids) != len(manifest.layers):
-            raise ManifestError(
-                f"{ref}: {len(manifest.layers)} layers but {len(diff_ids)} diff_ids in the config"
-            )
+        diff_ids = oci.image_diff_ids(config, len(manifest.layers))
         found = await find_soci_index(
             self.client,
             ref,

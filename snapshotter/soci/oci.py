@@ -801,3 +801,16 @@ def select_manifest(index: ImageIndex, platform: Platform) -> Descriptor:
             + (", ".join(available) or "none")
         )
     return best[1]
+
+
+def image_diff_ids(config: bytes, layer_count: int) -> list[str]:
+    """The `rootfs.diff_ids` of an image config, one per layer of its manifest."""
+    try:
+        ids = json.loads(config)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"image config has no rootfs.diff_ids: {e}") from e
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ManifestError("image config's rootfs.diff_ids is not a list of strings")
+    if len(ids) != layer_count:
+        raise ManifestError(f"image config has {len(ids)} diff_ids for {layer_count} layers")
+    return [validate_digest(i) for i in ids]
