@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from snapshotter import __version__
-from snapshotter.cli import index_cmd, mount_cmd, ztoc_cmd
+from snapshotter.cli import index_cmd, mount_cmd, serve_cmd, ztoc_cmd
 from snapshotter.errors import PysociError
 
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     ztoc_cmd.register(sub)
     index_cmd.register(sub)
     mount_cmd.register(sub)
+    serve_cmd.register(sub)
     return parser
 
 

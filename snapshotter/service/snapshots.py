@@ -18,11 +18,11 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from snapshotter.service import (
     AlreadyExistsError,
@@ -74,13 +74,6 @@ class RemoteHook(Protocol):
     def release(self, layer_dir: str) -> None:
         """The snapshot whose layer lives in `layer_dir` was removed."""
         ...
-
-
-class Bridge(Protocol):
-    """Runs a coroutine function on the daemon's trio loop from a worker thread
-    (`trio.from_thread.run` with the loop's token). The Snapshotter only carries it."""
-
-    def __call__(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -185,12 +178,10 @@ class Snapshotter:
         store: Store,
         *,
         remote: RemoteHook | None = None,
-        async_bridge: Bridge | None = None,
     ) -> None:
         self.root = Path(root)
         self.store = store
         self.remote = remote
-        self.async_bridge = async_bridge
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(parents=True, exist_ok=True)
         self.index_off = overlay_index_off()
