@@ -145,6 +145,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         logging.basicConfig(
             level=logging.INFO, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        for noisy in ("httpx", "httpcore", "pyfuse3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         pipe = os.fdopen(write_fd, "w")
 
         def ready(text: str) -> None:
