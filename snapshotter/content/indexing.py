@@ -285,7 +285,22 @@ class LayoutIndexer:
     def _index_all(self, manifests: list[oci.Descriptor], version: int) -> list[IndexResult]:
         layers = [layer for m in manifests for layer in self._manifest(m).layers]
         outcomes = self.index_layers(layers)
-        return [self._build_index(m, outcomes, version) for m in manifests]
+        results: list[IndexResult] = []
+        skipped: list[NoZtocsError] = []
+        for m in manifests:
+            try:
+                results.append(self._build_index(m, outcomes, version))
+            except NoZtocsError as e:
+                skipped.append(e)
+        if not results:
+            if len(skipped) == 1:
+                raise skipped[0]
+            reasons = "; ".join(str(error) for error in skipped)
+            raise NoZtocsError(f"no zTOCs created for any platform: {reasons}")
+        for error in skipped:
+            # Other platforms still get an index; this one stays as it was (not lazy).
+            log.warning("%s; that platform is left without a SOCI index", error)
+        return results
 
     def create(self, ref: str) -> list[IndexResult]:
         """Build v1 SOCI indexes (with subject) and list them in the layout's index.json."""

@@ -245,6 +245,14 @@ class SociRemote:
             image = _Image(
                 manifest_digest, manifest, oci.image_diff_ids(config, len(manifest.layers)), found
             )
+            if found is not None:
+                log.info(
+                    "image %s (%s): SOCI index %s, found by %s",
+                    request.ref,
+                    manifest_digest,
+                    found.descriptor.digest,
+                    found.source,
+                )
             self._images[cache_key] = image
             if len(self._images) > 256:  # a small cache: images are looked up once per pull
                 self._images.pop(next(iter(self._images)))

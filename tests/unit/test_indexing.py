@@ -238,3 +238,33 @@ def test_umoci_built_image(tmp_path: Path) -> None:
     results = LayoutIndexer(OciLayout.open(path), options()).create("base")
     built = [o for o in results[0].layers if o.status == "built"]
     assert len(built) == 1
+
+
+def test_platforms_without_indexable_layers_are_left_as_they_are(tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    amd = oci.Platform(os="linux", architecture="amd64")
+    arm = oci.Platform(os="linux", architecture="arm64", variant="v8")
+    d_amd = write_image(path, "amd", [Layer.from_tar(big_tar(31))], platform=amd)
+    d_arm = write_image(path, "arm", [Layer.from_tar(small_tar(32))], platform=arm)
+    layout = OciLayout.open(path)
+    index = oci.ImageIndex(
+        manifests=[
+            oci.Descriptor(d_amd.media_type, d_amd.digest, d_amd.size, platform=amd),
+            oci.Descriptor(d_arm.media_type, d_arm.digest, d_arm.size, platform=arm),
+        ]
+    )
+    data = index.to_json_bytes()
+    layout.set_tag(
+        "multi", oci.Descriptor(oci.MEDIA_TYPE_OCI_INDEX, layout.write_blob(data), len(data))
+    )
+    _, results = LayoutIndexer(layout, options(all_platforms=True)).convert("multi", "soci")
+    assert [r.manifest.digest for r in results] == [d_amd.digest]
+    raw = skopeo_raw(path, "soci")["manifests"]
+    assert isinstance(raw, list)
+    # The arm64 manifest is listed unchanged, the amd64 one rewritten, plus one SOCI index.
+    assert d_arm.digest in [m["digest"] for m in raw] and d_amd.digest not in [
+        m["digest"] for m in raw
+    ]
+    assert len(raw) == 3
+    with pytest.raises(NoZtocsError):
+        LayoutIndexer(layout, options(platforms=(arm,))).create("multi")
