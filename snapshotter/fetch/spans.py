@@ -329,8 +329,13 @@ class SpanManager:
         """Reads of this layer currently waiting on the network."""
         return self._waiting
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Uncompressed layer bytes [offset, offset + length), clipped at the layer's end."""
+    async def read(self, offset: int, length: int, *, readahead_until: int | None = None) -> bytes:
+        """Uncompressed layer bytes [offset, offset + length), clipped at the layer's end.
+
+        Sequential reads fetch the next spans ahead, but never past `readahead_until` (the
+        end of the file being read): small files sit next to each other in a tar, and reading
+        ahead past one would fetch spans nobody asked for.
+        """
         if offset < 0 or length < 0:
             raise ValueError(f"invalid read: offset {offset}, length {length}")
         self._check_open()
@@ -344,7 +349,12 @@ class SpanManager:
         )
         self._prev_end = end
         with self._busy_section():
-            pieces = await self._uncompressed(spans.start, spans.stop - 1, sequential)
+            ahead_stop = len(self._state)
+            if readahead_until is not None:
+                ahead_stop = self._zinfo.span_of(max(min(readahead_until, self._usize) - 1, 0)) + 1
+            pieces = await self._uncompressed(
+                spans.start, spans.stop - 1, sequential, ahead_stop=ahead_stop
+            )
         first = spans.start
         base = self._zinfo.uncompressed_bounds(first)[0]
         if len(spans) == 1:
@@ -356,7 +366,9 @@ class SpanManager:
             out += memoryview(pieces[s])[lo - s_start : hi - s_start]
         return bytes(out)
 
-    async def _uncompressed(self, first: int, last: int, sequential: bool) -> dict[int, bytes]:
+    async def _uncompressed(
+        self, first: int, last: int, sequential: bool, *, ahead_stop: int
+    ) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
         for round_ in range(_MAX_ROUNDS):
             self._check_open()
@@ -374,7 +386,7 @@ class SpanManager:
                 if fresh:
                     self._start_load(fresh, inflate=True)
             if round_ == 0 and sequential:
-                self._readahead(last + 1)
+                self._readahead(last + 1, ahead_stop)
             if not want:
                 return out
             loads = {s: self._pending[s] for s in want}
@@ -410,8 +422,8 @@ class SpanManager:
                 self._waiting -= 1
                 self.activity.end_wait()
 
-    def _readahead(self, start: int) -> None:
-        stop = min(start + self.config.readahead_spans, len(self._state))
+    def _readahead(self, start: int, limit: int) -> None:
+        stop = min(start + self.config.readahead_spans, limit, len(self._state))
         todo = [
             s
             for s in range(start, stop)

@@ -188,7 +188,9 @@ class LayerOperations(pyfuse3.Operations):
         self.table.release(fh)
 
     async def flush(self, fh: FileHandleT) -> None:
-        return None
+        # Nothing to flush on a read-only layer; ENOSYS makes the kernel stop sending FLUSH
+        # (one round trip saved on every close()).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         return None

@@ -37,7 +37,9 @@ NAME_MAX = 255
 class LayerData(Protocol):
     """The uncompressed, verified tar bytes of one layer (implemented by the fetch layer)."""
 
-    async def read(self, offset: int, length: int) -> bytes: ...
+    async def read(
+        self, offset: int, length: int, *, readahead_until: int | None = None
+    ) -> bytes: ...
 
     def status(self) -> dict[str, object]: ...
 
@@ -149,7 +151,9 @@ class MountedLayer:
         length = min(size, node.size - offset)
         await self.check_header(node)
         try:
-            data = await self.data.read(node.offset + offset, length)
+            data = await self.data.read(
+                node.offset + offset, length, readahead_until=node.offset + node.size
+            )
         except PysociError as e:
             raise self.fail(node, f"read of {length} bytes at {offset} failed: {e}") from e
         except Exception as e:

@@ -230,6 +230,26 @@ async def test_readahead_on_sequential_reads(tmp_path: Path) -> None:
         assert all(min(spans_of_request(lay, r)) > first_span + 2 for r in source.requests[n:])
 
 
+async def test_readahead_stops_at_the_end_of_the_file(tmp_path: Path) -> None:
+    lay = layer()
+    zi = zinfo(lay)
+    source = BlobRangeSource(lay.blob)
+    config = FetchConfig(readahead_spans=2)
+    async with open_manager(lay, source, tmp_path, config=config) as m:
+        # A "file" that ends inside the first span: sequential reads of it fetch nothing more.
+        file_end = zi.uncompressed_bounds(0)[1] - 1
+        await m.read(0, 4096, readahead_until=file_end)
+        await m.read(4096, 4096, readahead_until=file_end)
+        await trio.sleep(0.1)
+        assert source.request_count == 1
+        assert m.status()["spansFetched"] == 1
+        # Without a bound the same reads fetch ahead.
+        await m.read(8192, 4096)
+        with trio.fail_after(5):
+            while m.status()["spansFetched"] < 3:
+                await trio.sleep(0.01)
+
+
 async def test_corrupt_once_is_refetched(tmp_path: Path) -> None:
     lay = layer()
     source = BlobRangeSource(lay.blob)
