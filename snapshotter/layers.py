@@ -3,35 +3,95 @@ managers and the background fetcher, all living in one trio nursery.
 
 The snapshotter daemon and `pysoci mount` both serve layers through this; what they share
 with the rest of the code is `mount`, `unmount`, `check` and `status`.
+
+Availability (`check_available`): a layer whose spans are all on disk is always available. A
+layer with spans still missing is available while its registry answers: the last fetch of
+that layer succeeded less than `PROBE_TTL` seconds ago, or a probe (one byte of the blob,
+bounded by `PROBE_TIMEOUT`) succeeds now. Otherwise containerd gets Unavailable before it
+mounts a container on the layer, instead of a container whose reads fail with EIO.
+
+Cache bound: unused layers are evicted by the DiskCache; layers in use are filled by the
+background fetcher only while the cache has room for every background request in flight, so
+only what containers actually read can take the cache over its bound.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Final
 
 import trio
 
 from snapshotter.config import Config, fetch_config
 from snapshotter.errors import PysociError
 from snapshotter.fetch.background import BackgroundFetcher
-from snapshotter.fetch.cache import DiskCache
-from snapshotter.fetch.spans import ForegroundActivity, RangeSource, SpanManager, SpanMemoryCache
+from snapshotter.fetch.cache import DiskCache, LayerCache
+from snapshotter.fetch.spans import (
+    ForegroundActivity,
+    RangeSource,
+    SpanClaim,
+    SpanManager,
+    SpanMemoryCache,
+)
 from snapshotter.fs.session import FuseSession
+from snapshotter.fs.table import LayerUnavailableError
 from snapshotter.soci.ztoc import Ztoc
 
 log = logging.getLogger(__name__)
+
+PROBE_TTL: Final = 10.0
+PROBE_TIMEOUT: Final = 5.0
 
 
 class LayerMountError(PysociError):
     """A layer could not be mounted lazily."""
 
 
+class TrackedSource:
+    """A RangeSource that remembers how its last fetch went (for `check_available`)."""
+
+    def __init__(self, source: RangeSource) -> None:
+        self.source = source
+        self.last_ok = -math.inf
+        self.last_failed = -math.inf
+        self.last_error = ""
+
+    async def fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Fetch through the wrapped source, noting success or failure."""
+        try:
+            out = await self.source.fetch(ranges)
+        except Exception as e:
+            self.last_failed = trio.current_time()
+            self.last_error = f"{type(e).__name__}: {e}"
+            raise
+        self.last_ok = trio.current_time()
+        return out
+
+
+class _BoundedSpanManager(SpanManager):
+    """A SpanManager whose background claims wait for room in the disk cache."""
+
+    def __init__(self, *args: Any, room: Callable[[], bool], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.room = room
+
+    def claim_missing(self, max_bytes: int) -> SpanClaim | None:
+        if not self.room():
+            return None
+        return super().claim_missing(max_bytes)
+
+
 @dataclass
 class _Mounted:
     manager: SpanManager
     path: Path
+    cache: LayerCache
+    source: TrackedSource
+    probing: trio.Lock = field(default_factory=trio.Lock)
 
 
 class LazyLayers:
@@ -53,6 +113,23 @@ class LazyLayers:
         self.background = BackgroundFetcher(self._fetch, self.activity)
         self._layers: dict[str, _Mounted] = {}
         self._nursery: trio.Nursery | None = None
+        self._background_paused = False
+
+    def _background_room(self) -> bool:
+        """Whether the cache can take every background request in flight under its bound."""
+        in_flight = max(1, self._fetch.background_connections) * max(
+            1, self._fetch.background_request_bytes
+        )
+        room = self.cache.usage() + in_flight <= self.cache.max_bytes
+        if room == self._background_paused:
+            self._background_paused = not room
+            log.info(
+                "background fetching %s: the span cache holds %d of %d bytes",
+                "paused" if not room else "resumed",
+                self.cache.usage(),
+                self.cache.max_bytes,
+            )
+        return room
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Mount the FUSE session and serve until cancelled; everything is torn down after."""
@@ -80,15 +157,17 @@ class LazyLayers:
         if layer_id in self._layers:
             return self._layers[layer_id].path
         layer_cache = self.cache.open_layer(layer_digest, ztoc.compressed_archive_size)
+        tracked = TrackedSource(source)
         try:
-            manager = SpanManager(
+            manager = _BoundedSpanManager(
                 layer_digest,
                 ztoc,
-                source,
+                tracked,
                 layer_cache,
                 memory=self.memory,
                 config=self._fetch,
                 activity=self.activity,
+                room=self._background_room,
             )
         except BaseException:
             layer_cache.close()
@@ -100,13 +179,22 @@ class LazyLayers:
             await manager.close()
             raise
         self.background.add(manager)
-        self._layers[layer_id] = _Mounted(manager, path)
+        self._layers[layer_id] = _Mounted(manager, path, layer_cache, tracked)
         log.info("layer %s (%s) mounted lazily at %s", layer_digest, layer_id, path)
         return path
 
-    async def unmount(self, layer_id: str) -> None:
-        """Stop serving a layer (its cached spans stay on disk)."""
+    async def unmount(self, layer_id: str, *, drop_cache: bool = False) -> None:
+        """Stop serving a layer; its cached spans stay on disk unless `drop_cache`."""
+        mounted = self._layers.get(layer_id)
         await self._close(layer_id)
+        if drop_cache and mounted is not None:
+            digest = mounted.manager.digest
+            if self.cache.remove_layer(digest):
+                log.info("removed the cached spans of layer %s", digest)
+
+    def remove_cached(self, digest: str) -> bool:
+        """Delete the cached spans of a layer that is not mounted."""
+        return self.cache.remove_layer(digest)
 
     async def _close(self, layer_id: str) -> None:
         mounted = self._layers.pop(layer_id, None)
@@ -121,6 +209,52 @@ class LazyLayers:
     def check(self, layer_id: str) -> None:
         """Raise if the layer is not mounted or not usable."""
         self.session.check(layer_id)
+
+    def fully_cached(self, layer_id: str) -> bool:
+        """Every span of the layer is on disk (verified, or logged by an earlier run)."""
+        mounted = self._layers[layer_id]
+        if mounted.manager.complete:
+            return True
+        n = mounted.manager.num_spans
+        try:
+            present = mounted.cache.present_spans()
+        except ValueError:  # the handle closed under us: the layer is being unmounted
+            return False
+        return sum(1 for s in present if s < n) == n
+
+    async def check_available(self, layer_id: str) -> None:
+        """`check`, and for a layer with spans still missing, that its registry answers."""
+        self.check(layer_id)
+        if self.fully_cached(layer_id):
+            return
+        mounted = self._layers[layer_id]
+        async with mounted.probing:
+            src = mounted.source
+            now = trio.current_time()
+            ok = src.last_ok > src.last_failed
+            # A success is trusted for PROBE_TTL; a failure only for a second (another check
+            # just probed), so the layer is back as soon as its registry is.
+            if now - max(src.last_ok, src.last_failed) < (PROBE_TTL if ok else 1.0):
+                if ok:
+                    return
+                self._unavailable(layer_id, src.last_error)
+            with trio.move_on_after(PROBE_TIMEOUT) as scope:
+                try:
+                    await src.fetch([(0, 1)])
+                except Exception:
+                    pass
+            if scope.cancelled_caught:
+                src.last_failed = trio.current_time()
+                src.last_error = f"the registry did not answer within {PROBE_TIMEOUT:.0f} s"
+            if src.last_failed > src.last_ok:
+                self._unavailable(layer_id, src.last_error)
+
+    def _unavailable(self, layer_id: str, error: str) -> None:
+        status = self._layers[layer_id].manager.status()
+        raise LayerUnavailableError(
+            f"layer {status['digest']} is not fully cached ({status['spansFetched']} of "
+            f"{status['spansTotal']} spans verified) and its registry cannot be reached: {error}"
+        )
 
     def status(self, layer_id: str) -> dict[str, object]:
         """The layer's fetch status (soci's fields)."""
