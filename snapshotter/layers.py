@@ -17,6 +17,7 @@ only what containers actually read can take the cache over its bound.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -239,10 +240,8 @@ class LazyLayers:
                     return
                 self._unavailable(layer_id, src.last_error)
             with trio.move_on_after(PROBE_TIMEOUT) as scope:
-                try:
+                with contextlib.suppress(Exception):  # TrackedSource noted the outcome
                     await src.fetch([(0, 1)])
-                except Exception:
-                    pass
             if scope.cancelled_caught:
                 src.last_failed = trio.current_time()
                 src.last_error = f"the registry did not answer within {PROBE_TIMEOUT:.0f} s"
