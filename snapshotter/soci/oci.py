@@ -514,8 +514,33 @@ class Descriptor:
 # --- manifests and indexes ----------------------------------------------------------------
 
 
+class _Document:
+    """What manifests and indexes share: canonical JSON, and the raw bytes they came from."""
+
+    # Set only by the parser, outside the dataclass fields so that `dataclasses.replace`
+    # never carries stale bytes over to a modified copy.
+    _raw: ClassVar[bytes | None] = None
+
+    def to_json_obj(self) -> dict[str, object]:
+        """The JSON object, in Go field order."""
+        raise NotImplementedError
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical compact JSON."""
+        return canonical_json(self.to_json_obj())
+
+    def raw_bytes(self) -> bytes:
+        """The bytes this document was parsed from, or its canonical JSON if built here."""
+        return self._raw if self._raw is not None else self.to_json_bytes()
+
+    @property
+    def digest(self) -> str:
+        """sha256 digest of `raw_bytes()`."""
+        return sha256_digest(self.raw_bytes())
+
+
 @dataclass(frozen=True)
-class ImageManifest:
+class ImageManifest(_Document):
     """An OCI image manifest or Docker schema2 manifest.
 
     A parsed manifest remembers the exact bytes it came from: `raw_bytes()` and `digest`
@@ -528,10 +553,6 @@ class ImageManifest:
     artifact_type: str = ""
     subject: Descriptor | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)
-
-    # Set only by the parser, outside the dataclass fields so that `dataclasses.replace`
-    # never carries stale bytes over to a modified copy.
-    _raw: ClassVar[bytes | None] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -556,19 +577,6 @@ class ImageManifest:
         if self.annotations:
             obj["annotations"] = _sorted_map(self.annotations)
         return obj
-
-    def to_json_bytes(self) -> bytes:
-        """Canonical compact JSON."""
-        return canonical_json(self.to_json_obj())
-
-    def raw_bytes(self) -> bytes:
-        """The bytes this manifest was parsed from, or its canonical JSON if built here."""
-        return self._raw if self._raw is not None else self.to_json_bytes()
-
-    @property
-    def digest(self) -> str:
-        """sha256 digest of `raw_bytes()`."""
-        return sha256_digest(self.raw_bytes())
 
     def descriptor(
         self,
@@ -610,7 +618,7 @@ class ImageManifest:
 
 
 @dataclass(frozen=True)
-class ImageIndex:
+class ImageIndex(_Document):
     """An OCI image index or Docker manifest list (same raw-bytes rules as ImageManifest)."""
 
     manifests: Sequence[Descriptor] = ()
@@ -618,8 +626,6 @@ class ImageIndex:
     artifact_type: str = ""
     subject: Descriptor | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)
-
-    _raw: ClassVar[bytes | None] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "manifests", tuple(self.manifests))
@@ -638,19 +644,6 @@ class ImageIndex:
         if self.annotations:
             obj["annotations"] = _sorted_map(self.annotations)
         return obj
-
-    def to_json_bytes(self) -> bytes:
-        """Canonical compact JSON."""
-        return canonical_json(self.to_json_obj())
-
-    def raw_bytes(self) -> bytes:
-        """The bytes this index was parsed from, or its canonical JSON if built here."""
-        return self._raw if self._raw is not None else self.to_json_bytes()
-
-    @property
-    def digest(self) -> str:
-        """sha256 digest of `raw_bytes()`."""
-        return sha256_digest(self.raw_bytes())
 
     def descriptor(self, *, annotations: Mapping[str, str] | None = None) -> Descriptor:
         """A descriptor naming this index's bytes."""
