@@ -15,6 +15,7 @@ APT_PACKAGES=(
   stargz-snapshotter     # ctr-remote: containerd's remote-snapshot pull
   golang-github-containerd-containerd-dev  # containerd's API protos (reference for proto/)
   docker-registry        # the real registry the registry tests run against
+  systemd                # systemd-analyze verify and systemd-socket-activate (unit tests)
 )
 
 missing=()
