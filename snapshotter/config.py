@@ -150,6 +150,13 @@ class PullModesConfig:
 class Config:
     """The whole configuration."""
 
+    metrics_address: str = ""
+    """Where `/metrics` is served (soci's key): `HOST:PORT`, or a socket path when
+    `metrics_network` is "unix"; empty: no metrics server."""
+    metrics_network: str = "tcp"
+    """"tcp" or "unix" (soci's key)."""
+    log_format: str = "json"
+    """The daemon's log lines on stderr: "json" (one object per line, like soci) or "text"."""
     http: HttpConfig = field(default_factory=HttpConfig)
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -159,6 +166,14 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchTuningConfig = field(default_factory=FetchTuningConfig)
     pull_modes: PullModesConfig = field(default_factory=PullModesConfig)
+
+    def __post_init__(self) -> None:
+        if self.metrics_network not in ("tcp", "unix"):
+            raise ConfigError(
+                f"metrics_network: expected tcp or unix, got {self.metrics_network!r}"
+            )
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"log_format: expected json or text, got {self.log_format!r}")
 
 
 def _typed(value: Any, want: Any, where: str) -> Any:

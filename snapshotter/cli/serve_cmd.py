@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import trio
 
 from snapshotter.config import DEFAULT_CONFIG_PATH, DEFAULT_ROOT, load_config
 from snapshotter.daemon import DEFAULT_ADDRESS, serve_daemon
+from snapshotter.logs import FORMATS, configure_logging
+from snapshotter.metrics import start_metrics_server
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -47,6 +48,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=["debug", "info", "warning", "error"],
         help="daemon log level (default info)",
     )
+    s.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=None,
+        help="log lines on stderr: one JSON object each, or text (default: the config's "
+        "log_format, json)",
+    )
     s.set_defaults(func=cmd_serve)
 
 
@@ -54,13 +62,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`pysoci serve`."""
     if os.geteuid() != 0:
         raise SystemExit("pysoci serve: needs root (FUSE, overlayfs)")
-    logging.basicConfig(
-        level=args.serve_log_level.upper(),
-        force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("httpx", "httpcore", "pyfuse3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.serve_log_level, args.log_format or "json")
     config, _unknown = load_config(args.config)
-    trio.run(serve_daemon, config, args.root, args.address)
+    if not args.log_format and config.log_format != "json":
+        configure_logging(args.serve_log_level, config.log_format)
+    stop_metrics = None
+    if config.metrics_address:
+        stop_metrics = start_metrics_server(config.metrics_address, config.metrics_network)
+    try:
+        trio.run(serve_daemon, config, args.root, args.address)
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     return 0

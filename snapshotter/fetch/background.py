@@ -17,9 +17,11 @@ from typing import Final
 
 import trio
 
+from snapshotter import metrics
 from snapshotter.errors import PysociError
 from snapshotter.fetch.config import FetchConfig
 from snapshotter.fetch.spans import ForegroundActivity, SpanClaim, SpanManager
+from snapshotter.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ class BackgroundFetcher:
         return None
 
     async def _fill(self, manager: SpanManager, claim: SpanClaim) -> None:
-        with trio.CancelScope() as scope:
+        with trio.CancelScope() as scope, log_context(layer=manager.digest):
             preemptible = (
                 self.activity.preemptible(scope)
                 if self.config.background_preempt
@@ -175,6 +177,7 @@ class BackgroundFetcher:
                     manager.release(claim)
         if scope.cancelled_caught:
             self.preempted += 1
+            metrics.BACKGROUND_PREEMPTIONS.inc()
             # The released spans are claimable again.
             self._work.unpark_all()
 
@@ -186,8 +189,10 @@ class BackgroundFetcher:
 
     async def _verify(self, manager: SpanManager) -> None:
         try:
-            if await manager.verify_layer():
-                self.layers_verified += 1
+            with log_context(layer=manager.digest):
+                if await manager.verify_layer():
+                    self.layers_verified += 1
+                    log.info("layer %s: fetched completely and verified", manager.digest)
         except (PysociError, OSError) as exc:
             delay = self._back_off(manager)
             log.warning(
@@ -195,6 +200,7 @@ class BackgroundFetcher:
                 manager.digest,
                 exc,
                 delay,
+                extra={"layer": manager.digest},
             )
         finally:
             self._verifying.discard(manager)

@@ -25,6 +25,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
+from snapshotter import metrics
 from snapshotter.compression.gzip import inflate_spans
 from snapshotter.errors import (
     DigestMismatchError,
@@ -35,6 +36,7 @@ from snapshotter.errors import (
 )
 from snapshotter.fetch.cache import LayerCache
 from snapshotter.fetch.config import FetchConfig
+from snapshotter.logs import log_context
 from snapshotter.soci.zinfo import GzipZinfo, Zinfo, decode_zinfo
 from snapshotter.soci.ztoc import Ztoc
 
@@ -84,9 +86,11 @@ class SpanMemoryCache:
         data = self._entries.get(key)
         if data is None:
             self.misses += 1
+            metrics.MEMORY_MISSES.inc()
             return None
         self._entries.move_to_end(key)
         self.hits += 1
+        metrics.MEMORY_HITS.inc()
         return data
 
     def put(self, key: tuple[str, int], data: bytes) -> bool:
@@ -277,9 +281,11 @@ class SpanManager:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                metrics.LAYERS.track(self)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
+            metrics.LAYERS.untrack(self)
             self._nursery = None
             self._closed = True
             self._run_done.set()
@@ -318,6 +324,16 @@ class SpanManager:
                 self._idle.unpark_all()
 
     # --------------------------------------------------------------- foreground
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Compressed bytes verified on disk."""
+        return self._verified_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Compressed size of the layer."""
+        return self._size
 
     @property
     def num_spans(self) -> int:
@@ -453,7 +469,7 @@ class SpanManager:
 
     async def _load_task(self, load: _Load, inflate: bool) -> None:
         # Errors are recorded in the load for its waiters; raising would cancel the nursery.
-        with suppress(Exception):
+        with suppress(Exception), log_context(layer=self.digest):
             await self._load(load, inflate=inflate, foreground=True)
 
     async def _load(self, load: _Load, *, inflate: bool, foreground: bool) -> None:
@@ -467,7 +483,11 @@ class SpanManager:
                 for s in bad:
                     self._mark_absent(s)
                 absent = sorted([*absent, *bad])
+                if foreground:
+                    metrics.DISK_HITS.inc(len(good))
             if absent:
+                if foreground:
+                    metrics.DISK_MISSES.inc(len(absent))
                 await self._fetch(absent, inflate=inflate, foreground=foreground)
         except Exception as exc:
             load.error = exc
@@ -518,6 +538,7 @@ class SpanManager:
             if not bad:
                 return
             self.digest_mismatches += len(bad)
+            metrics.registry_error("digest_mismatch")
             if attempt < retries:
                 log.warning(
                     "layer %s: spans %s do not match their zTOC digests; refetching",
@@ -541,7 +562,11 @@ class SpanManager:
         if foreground:
             self.activity.note_activity()
         timeout = self.config.fetching_timeout_sec
-        self.network_requests += 1 if not self.config.force_single_range_mode else len(ranges)
+        requests = 1 if not self.config.force_single_range_mode else len(ranges)
+        self.network_requests += requests
+        kind = metrics.ON_DEMAND if foreground else metrics.BACKGROUND
+        metrics.SPAN_FETCHES.labels(kind).inc(requests)
+        started = trio.current_time()
         try:
             with trio.fail_after(timeout):
                 if self.config.force_single_range_mode and len(ranges) > 1:
@@ -563,6 +588,7 @@ class SpanManager:
                 else:
                     datas = await self._source.fetch(ranges)
         except trio.TooSlowError:
+            metrics.registry_error("timeout")
             raise RegistryUnavailableError(
                 f"layer {self.digest}: fetching {len(ranges)} range(s) timed out after {timeout} s"
             ) from None
@@ -579,7 +605,12 @@ class SpanManager:
                     f"layer {self.digest}: range {start}-{end} returned {len(data)} bytes, "
                     f"expected {end - start}"
                 )
-        self.network_bytes += sum(len(d) for d in datas)
+        received = sum(len(d) for d in datas)
+        self.network_bytes += received
+        elapsed = trio.current_time() - started
+        metrics.SPAN_FETCH_SECONDS.labels(kind).observe(elapsed)
+        metrics.SPAN_FETCH_BYTES.labels(kind).inc(received)
+        log.debug("%s fetch: %d range(s), %d bytes in %.3f s", kind, len(ranges), received, elapsed)
         return datas
 
     # ----------------------------------------------------- CPU work (in threads)
@@ -752,8 +783,11 @@ class SpanManager:
             got = await trio.to_thread.run_sync(self._cache.blob_digest, algorithm)
         if got == self.digest:
             self.layer_verified = True
+            metrics.LAYER_VERIFICATIONS.labels("ok").inc()
             return True
         self.layer_verified = False
+        metrics.LAYER_VERIFICATIONS.labels("mismatch").inc()
+        metrics.registry_error("digest_mismatch")
         self._last_error = f"whole-layer digest {got} does not match"
         log.error(
             "layer %s: the complete cached blob hashes to %s; dropping its cache",

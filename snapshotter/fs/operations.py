@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
+from snapshotter import metrics
 from snapshotter.fs.table import NAME_MAX, FsOpError, MountedLayer, MountTable
 from snapshotter.fs.tree import BLKSIZE, Node
 
@@ -31,27 +32,39 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 def _translated(
     fn: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Map FsOpError to its errno and anything unexpected to EIO (logged)."""
+    """Map FsOpError to its errno and anything unexpected to EIO (logged); count requests."""
+    operation = fn.__name__
+    requests = metrics.FUSE_OPERATIONS.labels(operation)
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        requests.inc()
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as e:
+            metrics.FUSE_FAILURES.labels(operation, metrics.errno_name(e.errno)).inc()
             raise
         except FsOpError as e:
+            metrics.FUSE_FAILURES.labels(operation, metrics.errno_name(e.errno)).inc()
             raise pyfuse3.FUSEError(e.errno) from None
         except trio.Cancelled:
             raise
         except Exception:
-            log.exception("FUSE %s failed unexpectedly", fn.__name__)
+            metrics.FUSE_FAILURES.labels(operation, "EIO").inc()
+            log.exception("FUSE %s failed unexpectedly", operation)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
 
 
-async def _erofs(*_: Any, **__: Any) -> Any:
-    raise pyfuse3.FUSEError(errno.EROFS)
+def _erofs(operation: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """A handler refusing a write request with EROFS."""
+
+    async def refuse(*_: Any, **__: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    refuse.__name__ = operation
+    return _translated(refuse)
 
 
 class LayerOperations(pyfuse3.Operations):
@@ -232,15 +245,15 @@ class LayerOperations(pyfuse3.Operations):
 
     # -- everything that would write ------------------------------------------------------
 
-    setattr = _erofs
-    mknod = _erofs
-    mkdir = _erofs
-    unlink = _erofs
-    rmdir = _erofs
-    symlink = _erofs
-    rename = _erofs
-    link = _erofs
-    write = _erofs
-    create = _erofs
-    setxattr = _erofs
-    removexattr = _erofs
+    setattr = _erofs("setattr")
+    mknod = _erofs("mknod")
+    mkdir = _erofs("mkdir")
+    unlink = _erofs("unlink")
+    rmdir = _erofs("rmdir")
+    symlink = _erofs("symlink")
+    rename = _erofs("rename")
+    link = _erofs("link")
+    write = _erofs("write")
+    create = _erofs("create")
+    setxattr = _erofs("setxattr")
+    removexattr = _erofs("removexattr")

@@ -23,6 +23,7 @@ from typing import NoReturn, TypeVar
 import anyio
 import httpx
 
+from snapshotter import metrics
 from snapshotter.config import Config
 from snapshotter.errors import (
     AuthenticationError,
@@ -165,6 +166,7 @@ def _error_codes(body: bytes) -> set[str]:
 
 def status_error(status: int, body: bytes, what: str, host: str) -> RegistryError:
     """The typed error for an unexpected HTTP status (the body is the bounded error body)."""
+    metrics.registry_error(metrics.http_status_kind(status))
     detail = f"HTTP {status}"
     message = _registry_errors(body)
     if message:
@@ -412,6 +414,7 @@ class RegistryClient:
             with anyio.fail_after(None if seconds == float("inf") else seconds):
                 yield
         except TimeoutError:
+            metrics.registry_error("timeout")
             raise RegistryUnavailableError(
                 f"{what}: no complete answer within {seconds:g} s"
             ) from None
@@ -431,6 +434,7 @@ class RegistryClient:
             return await client.send(request, stream=True)
         except RETRYABLE_EXCEPTIONS as exc:
             # Only non-replayable requests get here: the transport retries the others.
+            metrics.registry_error(metrics.transport_error_kind(exc))
             raise RegistryUnavailableError(
                 f"{method} {_safe_url(url)} failed: {type(exc).__name__}"
             ) from None
@@ -462,6 +466,7 @@ class RegistryClient:
                 with self._deadline(what, self._timeout(endpoint)):
                     return await op()
             except RETRYABLE_EXCEPTIONS as exc:
+                metrics.registry_error(metrics.transport_error_kind(exc))
                 if attempt >= self._http.MaxRetries:
                     raise RegistryUnavailableError(
                         f"{what}: failed after {attempt + 1} attempt(s): {type(exc).__name__}"
@@ -575,6 +580,7 @@ class RegistryClient:
         what = f"manifest {ref}"
         digest = ref.digest
         if digest is not None and not _hash_matches(data, digest):
+            metrics.registry_error("digest_mismatch")
             raise DigestMismatchError(f"{what}: the content does not match its digest")
         header = headers.get("docker-content-digest")
         if header is not None:
@@ -585,6 +591,7 @@ class RegistryClient:
                     f"{what}: invalid Docker-Content-Digest {header[:100]!r}"
                 ) from None
             if not _hash_matches(data, header):
+                metrics.registry_error("digest_mismatch")
                 raise DigestMismatchError(
                     f"{what}: the content does not match the registry's digest {header}"
                 )
@@ -798,6 +805,7 @@ class RegistryClient:
                     else:
                         response = await open_at(endpoint, received)
             except RETRYABLE_EXCEPTIONS as exc:
+                metrics.registry_error(metrics.transport_error_kind(exc))
                 failures += 1
                 if failures > self._http.MaxRetries:
                     raise RegistryUnavailableError(
@@ -836,6 +844,7 @@ class RegistryClient:
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
+                        metrics.registry_error("timeout")
                         raise RegistryUnavailableError(
                             f"{what}: not complete within {self._http.RequestTimeoutMsec} ms"
                         ) from None
@@ -853,6 +862,7 @@ class RegistryClient:
                     yield chunk
                 break
             except RETRYABLE_EXCEPTIONS as exc:
+                metrics.registry_error(metrics.transport_error_kind(exc))
                 failures += 1
                 if failures > self._http.MaxRetries:
                     raise RegistryUnavailableError(
@@ -866,6 +876,7 @@ class RegistryClient:
             raise RegistryResponseError(f"{what}: got {received} bytes, expected {total}")
         actual = f"{digest.split(':', 1)[0]}:{hasher.hexdigest()}"
         if actual != digest:
+            metrics.registry_error("digest_mismatch")
             raise DigestMismatchError(f"{what}: the content hashes to {actual}")
         self._remember_size(digest, received)
 

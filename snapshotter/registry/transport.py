@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import httpx
 
+from snapshotter import metrics
 from snapshotter.config import HttpConfig
 from snapshotter.errors import RegistryUnavailableError
 
@@ -122,6 +123,7 @@ class RetryTransport(httpx.AsyncBaseTransport):
                 response = await self._inner.handle_async_request(request)
             except RETRYABLE_EXCEPTIONS as exc:
                 tls = _tls_failure(exc)
+                metrics.registry_error("tls" if tls else metrics.transport_error_kind(exc))
                 if tls is not None:
                     # A certificate problem does not go away by asking again.
                     raise RegistryUnavailableError(
@@ -145,6 +147,7 @@ class RetryTransport(httpx.AsyncBaseTransport):
             else:
                 if not is_retryable_status(response.status_code) or attempt >= retries:
                     return response
+                metrics.registry_error(metrics.http_status_kind(response.status_code))
                 wait = backoff_seconds(self._http, attempt, self._rand)
                 after = retry_after_seconds(response.headers.get("retry-after"))
                 if after is not None:

@@ -1,0 +1,143 @@
+"""`pysoci status`: joining the snapshot store with the layer status files, and printing."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from snapshotter.cli import status_cmd
+from snapshotter.cli.main import main
+from snapshotter.service.store import Kind, SnapshotRecord
+
+REF = "reg.example/app:v1"
+LAZY = "sha256:" + "a" * 64
+NOZTOC = "sha256:" + "b" * 64
+PLAIN = "sha256:" + "c" * 64
+GONE = "sha256:" + "d" * 64
+
+
+def record(
+    i: int, digest: str, *, remote: bool, layer_dir: str | None, **labels: str
+) -> SnapshotRecord:
+    return SnapshotRecord(
+        id=i,
+        name=f"sha256:chain{i}",
+        parent="",
+        parent_id=None,
+        kind=Kind.COMMITTED,
+        created_at=0,
+        updated_at=0,
+        labels={
+            "containerd.io/snapshot/remote/stargz.reference": REF,
+            "containerd.io/snapshot/remote/stargz.digest": digest,
+            **labels,
+        },
+        remote=remote,
+        layer_dir=layer_dir,
+        size=0 if remote else 4096,
+    )
+
+
+def sample(root: Path) -> list[status_cmd.ImageStatus]:
+    records = [
+        record(1, LAZY, remote=True, layer_dir=str(root / "fuse" / "aaaa")),
+        record(2, NOZTOC, remote=False, layer_dir=str(root / "layers" / "sha256-bbb")),
+        record(3, PLAIN, remote=False, layer_dir=None),
+        record(4, GONE, remote=True, layer_dir=str(root / "fuse" / "dddd")),
+        record(
+            5,
+            NOZTOC,
+            remote=False,
+            layer_dir=str(root / "layers" / "x"),
+            **{status_cmd.LABEL_LOCAL_REASON: "lazy mount failed: zTOC does not match"},
+        ),
+        SnapshotRecord(6, "active", "", None, Kind.ACTIVE, 0, 0, {}),
+    ]
+    statuses = {
+        "aaaa": {
+            "digest": LAZY,
+            "size": 1000,
+            "fetchedSize": 250,
+            "fetchedPercent": 25.0,
+            "state": "fetching",
+            "error": "",
+            "spansFetched": 1,
+            "spansTotal": 4,
+            "readErrors": 0,
+        },
+        "eeee": {
+            "digest": "sha256:" + "e" * 64,
+            "size": 10,
+            "fetchedSize": 10,
+            "state": "complete",
+        },
+    }
+    return status_cmd.build(records, statuses, root)
+
+
+def test_layers_grouped_by_image_with_mode_and_reason(tmp_path: Path) -> None:
+    images = sample(tmp_path)
+    assert [i.image for i in images] == [REF, status_cmd.UNKNOWN_IMAGE]
+    lazy, noztoc, plain, gone, failed = images[0].layers
+    assert (lazy.mode, lazy.state, lazy.fetchedBytes, lazy.totalBytes) == (
+        "lazy",
+        "fetching",
+        250,
+        1000,
+    )
+    assert noztoc.mode == "local" and noztoc.reason == status_cmd.REASON_BY_PYSOCI
+    assert plain.reason == status_cmd.REASON_BY_CONTAINERD
+    assert gone.state == "unavailable" and gone.error
+    assert failed.reason == "lazy mount failed: zTOC does not match"
+    assert images[0].totals() == (250, 1000)
+    (orphan,) = images[1].layers
+    assert orphan.layerId == "eeee" and orphan.state == "complete"
+
+
+def test_render(tmp_path: Path) -> None:
+    out = io.StringIO()
+    status_cmd.render(sample(tmp_path), out)
+    text = out.getvalue()
+    assert f"{REF}  (2 of 5 layers lazy, 250 B / 1000 B fetched, 25.0%)" in text
+    assert "sha256:aaaaaaaaaaaa  lazy   [#####...............]  25.0%" in text
+    assert "unpacked by pysoci" in text and "unpacked by containerd" in text
+    assert "unavailable" in text
+    empty = io.StringIO()
+    status_cmd.render([], empty)
+    assert "no images" in empty.getvalue()
+
+
+def test_json_and_watch_until_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = [sample(tmp_path), sample(tmp_path)]
+    frames[1][0].layers[0].state = "complete"
+    frames[1][0].layers[3].state = "complete"
+    calls: list[Path] = []
+
+    def collect(root: Path) -> list[status_cmd.ImageStatus]:
+        calls.append(root)
+        return frames[min(len(calls), 2) - 1]
+
+    monkeypatch.setattr(status_cmd, "collect", collect)
+    assert main(["status", "--root", str(tmp_path), "--json", "--watch", "--interval", "0"]) == 0
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(docs) == 2 and len(calls) == 2
+    assert docs[0]["images"][0]["layers"][0]["fetchedPercent"] == 25.0
+
+
+def test_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--root", str(tmp_path)]) == 1
+    assert "no pysoci state" in capsys.readouterr().err
+    (tmp_path / "metadata.db").touch()
+    assert not status_cmd.is_pysoci_mount(tmp_path / "fuse")
+    assert main(["status", "--root", str(tmp_path)]) == 1
+    assert "daemon is not running" in capsys.readouterr().err
+
+
+def test_mountinfo_unescape() -> None:
+    assert status_cmd._unescape(r"/var/lib/with\040space") == "/var/lib/with space"
+    assert status_cmd._unescape("/plain") == "/plain"
