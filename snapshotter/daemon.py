@@ -3,12 +3,20 @@
 The trio loop runs in the main thread and owns the data plane (the one FUSE session, span
 caches, background fetcher, registry client). gRPC handlers run in grpcio's thread pool and
 reach the loop only through the TrioBridge. Readiness and shutdown are reported to systemd.
+
+Start: take the root lock, detach a FUSE mount left by a daemon that was killed, report the
+container overlays still using it (their lazy layers are gone for good, see the README),
+mount the FUSE session, mount every remote snapshot's layer again, and only then serve gRPC
+and report READY. Stop (SIGTERM, SIGINT): STOPPING, gRPC stops with a grace period, the store
+closes, every layer and the FUSE session are unmounted.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 from pathlib import Path
 
 import trio
@@ -17,6 +25,7 @@ from snapshotter.config import Config
 from snapshotter.content.discovery import Modes
 from snapshotter.content.local_layers import LocalLayers
 from snapshotter.layers import LazyLayers
+from snapshotter.lifecycle import lock_root, overlays_using, unmount_stale_fuse
 from snapshotter.registry.auth import RegistryAuth
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.credentials import CredentialStore
@@ -46,7 +55,35 @@ def registry_client(config: Config) -> RegistryClient:
 
 async def serve_daemon(config: Config, root: Path, address: str, *, max_workers: int = 16) -> None:
     """Serve until SIGTERM/SIGINT, then stop gRPC, unmount and flush."""
-    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    root = root.absolute()
+    lock_fd = lock_root(root)
+    try:
+        await _serve(config, root, address, max_workers, started)
+    finally:
+        os.close(lock_fd)
+
+
+def _report_stale(root: Path) -> None:
+    """Detach a FUSE mount a killed daemon left, and say which containers it breaks."""
+    fuse_root = root / "fuse"
+    if unmount_stale_fuse(fuse_root) == 0:
+        return
+    for user in overlays_using(fuse_root):
+        log.error(
+            "container %s (overlay at %s) uses lazy layers %s of the previous FUSE session, "
+            "which died with the previous daemon: its reads of files not already in the page "
+            "cache fail with ENOTCONN until it is restarted",
+            user.container,
+            user.mount_point,
+            ", ".join(user.layer_ids),
+        )
+
+
+async def _serve(
+    config: Config, root: Path, address: str, max_workers: int, started: float
+) -> None:
+    _report_stale(root)
     lazy = LazyLayers(config, root / "fuse", root / "cache")
     store = Store(root)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -61,10 +98,28 @@ async def serve_daemon(config: Config, root: Path, address: str, *, max_workers:
                 modes=Modes(
                     v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable
                 ),
+                state_dir=root,
             )
             snapshotter = Snapshotter(root, store, remote=remote)
+            layers = await trio.to_thread.run_sync(snapshotter.layers)
+            counts = await remote.restore(layers)
+            await trio.to_thread.run_sync(snapshotter.cleanup)
+            log.info(
+                "restored %d snapshot(s) on %d lazy layer(s) (%d not mountable now) and %d "
+                "local layer(s) in %.2f s",
+                len(layers),
+                counts["mounted"],
+                counts["failed"],
+                counts["local"],
+                time.monotonic() - started,
+            )
             server = serve(snapshotter, address, max_workers=max_workers)
-            log.info("pysoci serving on %s (root %s)", address, root)
+            log.info(
+                "pysoci serving on %s (root %s), ready %.2f s after start",
+                address,
+                root,
+                time.monotonic() - started,
+            )
             notify("READY=1\nSTATUS=serving")
             try:
                 async for signum in signals:

@@ -18,6 +18,8 @@ only what containers actually read can take the cache over its bound.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -46,6 +48,29 @@ log = logging.getLogger(__name__)
 
 PROBE_TTL: Final = 10.0
 PROBE_TIMEOUT: Final = 5.0
+
+
+def return_freed_memory() -> None:
+    """Give the heap pages freed by an unmounted layer back to the system.
+
+    glibc keeps freed memory in per-thread arenas (gRPC and trio worker threads each have
+    one), so without a trim the RSS of a long-running daemon stays at its high-water mark
+    after images are removed."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_LIBC: Final = _load_libc()
 
 
 class LayerMountError(PysociError):
@@ -192,6 +217,8 @@ class LazyLayers:
             digest = mounted.manager.digest
             if self.cache.remove_layer(digest):
                 log.info("removed the cached spans of layer %s", digest)
+        if mounted is not None:
+            return_freed_memory()
 
     def remove_cached(self, digest: str) -> bool:
         """Delete the cached spans of a layer that is not mounted."""

@@ -67,7 +67,14 @@ class LocalLayers:
 
     def remove(self, digest: str) -> None:
         """Delete an extracted layer."""
-        shutil.rmtree(self.path(digest), ignore_errors=True)
+        self.remove_dir(self.path(digest))
+
+    def remove_dir(self, path: Path) -> None:
+        """Delete an extracted layer by its directory (one directly under the root)."""
+        if path.parent != self.root:
+            raise ValueError(f"{path} is not a layer directory of {self.root}")
+        self._locks.pop(path.name.replace("-", ":", 1), None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _apply_file(blob: Path, compression: Compression, target: Path, diff_id: str | None) -> None:

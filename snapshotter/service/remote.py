@@ -8,18 +8,31 @@ or from ctr-remote (`remote/stargz.*`, which carry no manifest digest: the manif
 from the reference and the layer digest).
 
 Called from gRPC threads; all registry and FUSE work runs on the trio loop through the bridge.
+
+What a restart needs is kept at Prepare time, so that it needs no registry: the zTOC in the
+daemon's own content store (`ROOT/lazy/ztocs`, an OCI layout, apart from `ROOT/content` which
+`pysoci create` fills) and a record per lazy layer (`ROOT/lazy/<layer-id>.json`: image
+reference, layer digest and size, zTOC descriptor).
+`restore` mounts every remote snapshot's layer again at the same directory; `release` undoes
+all of it (mount, cached spans, zTOC, record, local unpack) when the last snapshot using a
+layer is removed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
 import trio
 
 from snapshotter.content.discovery import FoundIndex, Modes, fetch_ztoc, find_soci_index
+from snapshotter.content.layout import OciLayout
 from snapshotter.content.local_layers import LocalLayers
 from snapshotter.errors import FormatError, InvalidReferenceError, ManifestError, PysociError
 from snapshotter.fetch.registry_source import RegistryRangeSource
@@ -28,7 +41,7 @@ from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference, parse_reference
 from snapshotter.rootfs import layer_id
 from snapshotter.service import UnavailableError
-from snapshotter.service.snapshots import RemoteLayer
+from snapshotter.service.snapshots import LayerRecord, RemoteLayer
 from snapshotter.soci import oci
 from snapshotter.soci.index import SOCI_INDEX_ARTIFACT_TYPES
 
@@ -42,6 +55,48 @@ LABEL_CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 LABEL_STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
 LABEL_STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
 LABEL_SOCI_INDEX_DIGEST = "containerd.io/snapshot/remote/soci.index.digest"
+
+IMAGE_TTL: Final = 600.0
+"""Seconds an image's manifest and index stay cached (its layers are prepared in one pull)."""
+MAX_IMAGES: Final = 64
+
+
+@dataclass(frozen=True)
+class LazyLayerRecord:
+    """What remounting a lazy layer needs, kept at `ROOT/lazy/<layer-id>.json`."""
+
+    ref: str
+    layer_digest: str
+    layer_size: int
+    ztoc_digest: str
+    ztoc_size: int
+    ztoc_media_type: str
+
+    @classmethod
+    def load(cls, path: Path) -> LazyLayerRecord:
+        """Read one (FormatError when unreadable)."""
+        try:
+            raw = json.loads(path.read_bytes())
+            return cls(
+                ref=str(raw["ref"]),
+                layer_digest=oci.validate_digest(str(raw["layer_digest"])),
+                layer_size=int(raw["layer_size"]),
+                ztoc_digest=oci.validate_digest(str(raw["ztoc_digest"])),
+                ztoc_size=int(raw["ztoc_size"]),
+                ztoc_media_type=str(raw["ztoc_media_type"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"lazy layer record {path}: {e}") from e
+
+    def save(self, path: Path) -> None:
+        """Write it atomically (fsync'ed: the snapshot record that refers to it is)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(asdict(self), sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -83,6 +138,7 @@ class _Image:
     manifest: oci.ImageManifest
     diff_ids: list[str]
     index: FoundIndex | None
+    loaded_at: float = 0.0
 
 
 class TrioBridge:
@@ -111,16 +167,25 @@ class SociRemote:
         bridge: TrioBridge,
         *,
         modes: Modes | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.client = client
         self.lazy = lazy
         self.local = local
         self.bridge = bridge
         self.modes = modes or Modes()
+        self.content: OciLayout | None = None
+        self.records_dir: Path | None = None
+        if state_dir is not None:
+            self.records_dir = state_dir / "lazy"
+            self.records_dir.mkdir(parents=True, exist_ok=True)
+            self.content = OciLayout.open(self.records_dir / "ztocs", create=True)
         self._images: dict[tuple[str, str], _Image] = {}
         self._image_locks: dict[tuple[str, str], trio.Lock] = {}
         self._refs: dict[str, int] = {}
         self._layer_ids: dict[str, str] = {}
+        self._unrestored: dict[str, LazyLayerRecord | None] = {}
+        """Lazy layers a restart could not mount yet (layer id → record), retried on check."""
 
     # -- the hook (gRPC threads) --------------------------------------------------------------
 
@@ -148,22 +213,158 @@ class SociRemote:
             if lid is None:
                 continue
             try:
-                self.bridge.run_sync(self.lazy.check, lid)
+                self.bridge.run(self._check_layer, lid)
             except PysociError as e:
                 raise UnavailableError(f"layer {lid} is not available: {e}") from e
 
     def release(self, layer_dir: str) -> None:
-        """A snapshot using `layer_dir` was removed: stop serving it when nothing else does."""
+        """A snapshot using `layer_dir` was removed: when nothing else uses the layer, unmount
+        it and delete its cached spans, zTOC, record and local unpack."""
+        self.bridge.run(self._release, layer_dir)
+
+    # -- the work (trio loop) -------------------------------------------------------------------
+
+    def _record_path(self, lid: str) -> Path | None:
+        return None if self.records_dir is None else self.records_dir / f"{lid}.json"
+
+    async def _check_layer(self, lid: str) -> None:
+        if lid in self._unrestored:
+            await self._remount(lid, self._unrestored[lid])
+        await self.lazy.check_available(lid)
+
+    async def _release(self, layer_dir: str) -> None:
         count = self._refs.get(layer_dir, 0) - 1
         if count > 0:
             self._refs[layer_dir] = count
             return
         self._refs.pop(layer_dir, None)
         lid = self._layer_ids.pop(layer_dir, None)
-        if lid is not None:
-            self.bridge.run(self.lazy.unmount, lid)
+        if lid is None:
+            if Path(layer_dir).parent == self.local.root:
+                self.local.remove_dir(Path(layer_dir))
+                log.info("removed the local layer %s: no snapshot uses it", layer_dir)
+        else:
+            self._unrestored.pop(lid, None)
+            await self.lazy.unmount(lid, drop_cache=True)
+            self._forget_record(lid)
+            log.info("released lazy layer %s: no snapshot uses it", lid)
+        if not self._refs:
+            self._images.clear()
+            self._image_locks.clear()
 
-    # -- the work (trio loop) -------------------------------------------------------------------
+    def _forget_record(self, lid: str) -> None:
+        """Delete a lazy layer's record, and its zTOC when no other record names it."""
+        path = self._record_path(lid)
+        if path is None:
+            return
+        try:
+            record = LazyLayerRecord.load(path)
+        except FormatError:
+            record = None
+        path.unlink(missing_ok=True)
+        if record is None or self.content is None:
+            return
+        for other in self._records():
+            if other.ztoc_digest == record.ztoc_digest:
+                return
+        self.content.blob_path(record.ztoc_digest).unlink(missing_ok=True)
+        if record.layer_digest:
+            self.lazy.remove_cached(record.layer_digest)
+
+    def _records(self) -> list[LazyLayerRecord]:
+        if self.records_dir is None:
+            return []
+        out = []
+        for p in self.records_dir.glob("*.json"):
+            try:
+                out.append(LazyLayerRecord.load(p))
+            except FormatError:
+                continue
+        return out
+
+    async def restore(self, layers: Sequence[LayerRecord]) -> dict[str, int]:
+        """After a restart: count the snapshots per layer, mount every lazy layer again at the
+        directory containerd knows, and delete what no snapshot references. Needs no registry
+        when the records and zTOCs are here; what cannot be mounted now is retried by `check`."""
+        counts = {"mounted": 0, "failed": 0, "local": 0, "missing": 0}
+        fuse_root = self.lazy.mountpoint
+        for rec in layers:
+            self._refs[rec.layer_dir] = self._refs.get(rec.layer_dir, 0) + 1
+        for layer_dir in self._refs:
+            path = Path(layer_dir)
+            if path.parent == fuse_root:
+                lid = path.name
+                self._layer_ids[layer_dir] = lid
+                record_path = self._record_path(lid)
+                record: LazyLayerRecord | None = None
+                try:
+                    if record_path is None:
+                        raise FormatError("no state directory for lazy layer records")
+                    record = LazyLayerRecord.load(record_path)
+                    await self._remount(lid, record)
+                    counts["mounted"] += 1
+                except PysociError as e:
+                    counts["failed"] += 1
+                    self._unrestored[lid] = record
+                    log.error(
+                        "restore: lazy layer %s (%s) cannot be mounted now (%s); snapshots "
+                        "on it report unavailable until it can",
+                        lid,
+                        record.layer_digest if record else "no record",
+                        e,
+                    )
+            elif path.is_dir():
+                counts["local"] += 1
+            else:
+                counts["missing"] += 1
+                log.error("restore: local layer directory %s is missing", layer_dir)
+        self._remove_orphans()
+        return counts
+
+    async def _remount(self, lid: str, record: LazyLayerRecord | None) -> None:
+        if record is None:
+            raise FormatError(f"lazy layer {lid} has no record: it cannot be mounted again")
+        ref = parse_reference(record.ref)
+        desc = oci.Descriptor(record.ztoc_media_type, record.ztoc_digest, record.ztoc_size)
+        ztoc = await fetch_ztoc(self.client, ref, desc, store=self.content)
+        if ztoc.compressed_archive_size != record.layer_size:
+            raise FormatError(f"zTOC {record.ztoc_digest} does not fit layer {record.layer_digest}")
+        source = RegistryRangeSource(self.client, ref, record.layer_digest)
+        await self.lazy.mount(lid, record.layer_digest, ztoc, source)
+        self._unrestored.pop(lid, None)
+
+    def _remove_orphans(self) -> None:
+        """Delete records, zTOCs, cached spans and local unpacks no snapshot references (left
+        by a crash between a snapshot's removal and its cleanup)."""
+        live_lids = set(self._layer_ids.values())
+        live_digests: set[str] = set()
+        live_ztocs: set[str] = set()
+        if self.records_dir is not None:
+            for p in self.records_dir.glob("*.json"):
+                if p.stem not in live_lids:
+                    log.info("cleanup: removing the record of unused lazy layer %s", p.stem)
+                    p.unlink(missing_ok=True)
+                    continue
+                try:
+                    record = LazyLayerRecord.load(p)
+                except FormatError:
+                    continue
+                live_digests.add(record.layer_digest)
+                live_ztocs.add(record.ztoc_digest)
+        for digest in self.lazy.cache.cached_layers():
+            if digest not in live_digests and self.lazy.remove_cached(digest):
+                log.info("cleanup: removed the cached spans of unused layer %s", digest)
+        if self.content is not None:
+            blobs = self.content.root / "blobs" / "sha256"
+            if blobs.is_dir():
+                for blob in blobs.iterdir():
+                    if f"sha256:{blob.name}" not in live_ztocs:
+                        blob.unlink(missing_ok=True)
+        if self.local.root.is_dir():
+            for entry in self.local.root.iterdir():
+                if str(entry) not in self._refs and not entry.name.startswith("."):
+                    log.info("cleanup: removing unused local layer %s", entry)
+                    self.local.remove_dir(entry)
 
     async def _prepare(self, key: str, request: LayerRequest) -> RemoteLayer | None:
         image = await self._image(request)
@@ -186,13 +387,23 @@ class SociRemote:
             result = RemoteLayer(str(path), remote=False)
         else:
             try:
-                ztoc = await fetch_ztoc(self.client, request.ref, ztoc_desc)
+                ztoc = await fetch_ztoc(self.client, request.ref, ztoc_desc, store=self.content)
                 if ztoc.compressed_archive_size != layer.size:
                     raise FormatError(
                         f"zTOC {ztoc_desc.digest} is for {ztoc.compressed_archive_size} bytes, "
                         f"the layer has {layer.size}"
                     )
                 lid = layer_id(layer.digest)
+                record_path = self._record_path(lid)
+                if record_path is not None and not record_path.exists():
+                    LazyLayerRecord(
+                        ref=str(request.ref),
+                        layer_digest=layer.digest,
+                        layer_size=layer.size,
+                        ztoc_digest=ztoc_desc.digest,
+                        ztoc_size=ztoc_desc.size,
+                        ztoc_media_type=ztoc_desc.media_type,
+                    ).save(record_path)
                 source = RegistryRangeSource(self.client, request.ref, layer.digest)
                 path = await self.lazy.mount(lid, layer.digest, ztoc, source)
                 self._layer_ids[str(path)] = lid
@@ -224,6 +435,7 @@ class SociRemote:
     async def _image(self, request: LayerRequest) -> _Image | None:
         """The image a layer belongs to (cached: every layer of an image asks)."""
         cache_key = (str(request.ref), request.manifest_digest or request.layer_digest)
+        self._expire_images()
         lock = self._image_locks.setdefault(cache_key, trio.Lock())
         async with lock:
             if cache_key in self._images:
@@ -243,7 +455,11 @@ class SociRemote:
                 modes=self.modes,
             )
             image = _Image(
-                manifest_digest, manifest, oci.image_diff_ids(config, len(manifest.layers)), found
+                manifest_digest,
+                manifest,
+                oci.image_diff_ids(config, len(manifest.layers)),
+                found,
+                time.monotonic(),
             )
             if found is not None:
                 log.info(
@@ -254,9 +470,21 @@ class SociRemote:
                     found.source,
                 )
             self._images[cache_key] = image
-            if len(self._images) > 256:  # a small cache: images are looked up once per pull
-                self._images.pop(next(iter(self._images)))
             return image
+
+    def _expire_images(self) -> None:
+        """Forget images looked up long ago (one pull asks for all its layers at once)."""
+        now = time.monotonic()
+        for key, image in list(self._images.items()):
+            if now - image.loaded_at > IMAGE_TTL or len(self._images) > MAX_IMAGES:
+                del self._images[key]
+        for key, lock in list(self._image_locks.items()):
+            if (
+                key not in self._images
+                and not lock.locked()
+                and lock.statistics().tasks_waiting == 0
+            ):
+                del self._image_locks[key]
 
     async def _manifest(self, request: LayerRequest) -> tuple[str, oci.ImageManifest | None]:
         """The platform manifest holding the layer (ctr-remote sends no manifest digest)."""
