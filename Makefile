@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit integration bench-formats bench-lazyfs proto clean
+.PHONY: setup demo test lint typecheck unit integration bench-formats bench-lazyfs bench proto clean
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,11 @@ proto: setup
 
 bench-lazyfs: setup
 	$(PY) -m bench.lazyfs
+
+# Time to ready, overlayfs vs pysoci, on a shaped network (root; about 45 minutes; updates
+# bench/results/, which the README shows). Images are cached in /var/cache/pysoci-bench.
+bench: setup
+	$(PY) -m bench.startup --publish
 
 clean:
 	rm -rf $(VENV) demo-out bench/out .pytest_cache .mypy_cache .ruff_cache .hypothesis
