@@ -275,6 +275,42 @@ def test_empty_members_and_empty_blocks() -> None:
         check_layer(blob, original, span, 999, reads=list(range(50)))
 
 
+def test_soci_style_checkpoints_at_zero_after_empty_blocks() -> None:
+    # soci checkpoints every block end while its output is 0: a stream opening with an empty
+    # stored block gets a second checkpoint at uncompressed 0 (in = after that block). Such a
+    # zTOC must decode, and every read must come out right through it.
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)
+    head = c.flush(zlib.Z_FULL_FLUSH)
+    assert len(head) == 10 + 5  # gzip header + one empty stored block
+    payload = random.Random(7).randbytes(30_000) + b"y" * 40_000
+    blob = head + c.compress(payload) + c.flush()
+    res, _ = build_index(blob, 8192, 4096)
+    ours = decode_zinfo(
+        CompressionAlgorithm.GZIP,
+        res.zinfo_blob,
+        compressed_size=len(blob),
+        uncompressed_size=len(payload),
+    )
+    assert isinstance(ours, GzipZinfo)
+    points = list(ours.checkpoints())
+    assert (points[0].compressed_offset, points[0].uncompressed_offset) == (10, 0)
+    soci_points = [points[0], Checkpoint(15, 0, 0, bytes(32768)), *points[1:]]
+    z = decode_zinfo(
+        CompressionAlgorithm.GZIP,
+        encode_gzip_zinfo(8192, soci_points),
+        compressed_size=len(blob),
+        uncompressed_size=len(payload),
+    )
+    assert isinstance(z, GzipZinfo)
+    assert z.num_spans == len(points) + 1
+    assert z.uncompressed_bounds(0) == (0, 0)
+    assert z.span_of(0) == 1
+    assert inflate_span(z, 0, blob[slice(*z.compressed_bounds(0))]) == b""
+    for offset in range(0, len(payload), 3001):
+        n = min(5000, len(payload) - offset)
+        assert read_range(z, blob, offset, n) == payload[offset : offset + n]
+
+
 def test_reads_spanning_members_from_one_checkpoint() -> None:
     # Span size larger than each member: a span crosses member boundaries.
     rnd = random.Random(9)
