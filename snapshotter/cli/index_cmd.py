@@ -123,25 +123,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "image manifest> so that registries without the referrers API serve it too."
         ),
     )
-    p.add_argument("ref", metavar="REF")
+    p.add_argument(
+        "ref", metavar="REF", help="the image whose SOCI indexes (built by create) to push"
+    )
     add_registry_options(p)
     p.set_defaults(func=cmd_push)
 
     i = sub.add_parser("index", help="list, show and remove SOCI indexes in a local store")
     isub = i.add_subparsers(dest="index_command", required=True, metavar="COMMAND")
     ls = isub.add_parser("list", help="list SOCI indexes (local content store or --oci-layout)")
-    ls.add_argument("--oci-layout", metavar="DIR")
+    ls.add_argument(
+        "--oci-layout",
+        metavar="DIR",
+        help="the OCI image layout to use instead of the local content store (ROOT/content)",
+    )
     ls.add_argument("--ref", metavar="REF", help="only the indexes of this image")
     add_root_option(ls)
     ls.set_defaults(func=cmd_index_list)
     info = isub.add_parser("info", help="print a SOCI index manifest")
-    info.add_argument("digest", metavar="DIGEST")
-    info.add_argument("--oci-layout", metavar="DIR")
+    info.add_argument("digest", metavar="DIGEST", help="the SOCI index manifest's digest")
+    info.add_argument(
+        "--oci-layout",
+        metavar="DIR",
+        help="the OCI image layout to use instead of the local content store (ROOT/content)",
+    )
     add_root_option(info)
     info.set_defaults(func=cmd_index_info)
     rm = isub.add_parser("rm", help="remove SOCI index entries from the store's index.json")
-    rm.add_argument("digests", metavar="DIGEST", nargs="+")
-    rm.add_argument("--oci-layout", metavar="DIR")
+    rm.add_argument("digests", metavar="DIGEST", nargs="+", help="SOCI index manifest digests")
+    rm.add_argument(
+        "--oci-layout",
+        metavar="DIR",
+        help="the OCI image layout to use instead of the local content store (ROOT/content)",
+    )
     add_root_option(rm)
     rm.set_defaults(func=cmd_index_rm)
 

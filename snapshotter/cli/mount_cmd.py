@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("unmount", help="unmount a root filesystem made by `pysoci mount`")
-    u.add_argument("dir", metavar="DIR", type=Path)
+    u.add_argument("dir", metavar="DIR", type=Path, help="a directory pysoci mount mounted")
     u.add_argument("--root", type=Path, default=Path("/var/lib/pysoci"), help="pysoci's root")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
     u.set_defaults(func=cmd_unmount)

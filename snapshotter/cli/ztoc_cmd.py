@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="print a zTOC as JSON",
         description="Print a zTOC's header and every file with its span range, as JSON.",
     )
-    i.add_argument("ztoc", metavar="ZTOC_FILE")
+    i.add_argument("ztoc", metavar="ZTOC_FILE", help="a zTOC blob (as ztoc build writes it)")
     i.add_argument("--no-files", action="store_true", help="omit the per-file list")
     i.set_defaults(func=cmd_info)
 
@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "every span is verified against the zTOC's digests."
         ),
     )
-    g.add_argument("ztoc", metavar="ZTOC_FILE")
-    g.add_argument("layer", metavar="LAYER_BLOB")
+    g.add_argument("ztoc", metavar="ZTOC_FILE", help="the zTOC of the layer")
+    g.add_argument("layer", metavar="LAYER_BLOB", help="the layer blob the zTOC describes")
     g.add_argument("path", metavar="PATH", help="path inside the layer (a/b, ./a/b or /a/b)")
     g.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     g.add_argument(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import random
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from snapshotter.cli.main import build_parser
 from tests.fixtures.images import Layer, gzip_blob, write_image
 from tests.fixtures.tars import random_tar
 
@@ -33,25 +36,39 @@ def layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     return path, tar
 
 
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, str]]:
+    """Every (sub)command: its words, its parser, and the help its parent lists it with."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                yield (*path, name), sub, helps.get(name, "")
+                yield from _commands(sub, (*path, name))
+
+
 def test_help_texts_are_complete() -> None:
-    for cmd in [
-        [],
-        ["ztoc"],
-        ["ztoc", "build"],
-        ["ztoc", "info"],
-        ["ztoc", "get-file"],
-        ["create"],
-        ["convert"],
-        ["index"],
-        ["index", "list"],
-        ["index", "info"],
-        ["index", "rm"],
-    ]:
-        out = pysoci(*cmd, "--help").stdout
-        assert "usage: pysoci" in out
+    parser = build_parser()
+    commands = list(_commands(parser))
+    names = {words[0] for words, _, _ in commands}
+    assert {"ztoc", "create", "convert", "push", "index", "mount", "unmount", "serve"} <= names
+    assert "status" in names
+    for words, sub, listed_help in commands:
+        assert listed_help.strip(), f"`pysoci {' '.join(words)}` has no summary in its parent"
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            what = "/".join(action.option_strings) or action.dest
+            assert (action.help or "").strip(), f"`pysoci {' '.join(words)}` {what}: no help"
+    # The installed script prints the same: every command is listed in the top-level help.
     top = pysoci("--help").stdout
-    for name in ("ztoc", "create", "convert", "index"):
+    for name in names:
         assert name in top
+    for words, _, _ in commands:
+        assert f"usage: pysoci {' '.join(words)}" in " ".join(
+            pysoci(*words, "--help").stdout.split()
+        )
 
 
 def test_ztoc_build_info_get_file(layer: tuple[Path, bytes], tmp_path: Path) -> None:
