@@ -36,14 +36,20 @@ fi
 # nerdctl (a release that supports containerd 1.6), built from the Go module proxy. The
 # proxy answers for the version but not for the module's version list, which
 # `go install pkg@version` asks for: download the module and build it in place instead.
-NERDCTL_VERSION=v1.7.7
+NERDCTL_VERSION=v1.7.7   # needs Go >= 1.21 to build
 if ! command -v nerdctl >/dev/null 2>&1; then
-  if command -v go >/dev/null 2>&1; then
-    echo "setup: building nerdctl $NERDCTL_VERSION"
-    dir=$(go mod download -json "github.com/containerd/nerdctl@$NERDCTL_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
-    (cd "$dir" && GOFLAGS=-mod=mod go build -o /usr/local/bin/nerdctl ./cmd/nerdctl)
-  else
-    echo "setup: go is not installed; nerdctl tests will fail" >&2
+  if ! command -v go >/dev/null 2>&1 && [[ -x /usr/local/go/bin/go ]]; then
+    export PATH=$PATH:/usr/local/go/bin
+  fi
+  if ! command -v go >/dev/null 2>&1; then
+    echo "setup: installing Debian's golang-go to build nerdctl"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go >/dev/null
+  fi
+  echo "setup: building nerdctl $NERDCTL_VERSION with $(go version)"
+  dir=$(go mod download -json "github.com/containerd/nerdctl@$NERDCTL_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  if ! (cd "$dir" && GOFLAGS=-mod=mod go build -o /usr/local/bin/nerdctl ./cmd/nerdctl); then
+    echo "setup: building nerdctl failed (it needs Go >= 1.21; Debian bookworm's golang-go is 1.19: install a newer Go, e.g. bookworm-backports' golang-1.21)" >&2
+    exit 1
   fi
 fi
 

@@ -132,60 +132,6 @@ def _exact_mtime_ns(m: tarfile.TarInfo) -> int:
     return int(seconds) * 1_000_000_000 + int(fraction[:9].ljust(9, "0") or 0)
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def snapshot(root: Path, *, skip_mtime: frozenset[str] = frozenset()) -> dict[str, Record]:
-    """Every path under root with its lstat fields, xattrs, link target and content digest."""
-    out: dict[str, Record] = {}
-    regular: list[tuple[str, str]] = []
-    by_inode: dict[int, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            st = os.lstat(path)
-            rec: Record = {
-                "mode": oct(st.st_mode),
-                "uid": st.st_uid,
-                "gid": st.st_gid,
-                "nlink": st.st_nlink,
-            }
-            if rel not in skip_mtime:
-                rec["mtime_ns"] = st.st_mtime_ns
-            if not stat.S_ISDIR(st.st_mode):
-                rec["size"] = st.st_size
-            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                rec["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if stat.S_ISLNK(st.st_mode):
-                rec["link"] = os.readlink(path)
-            special = not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
-            rec["xattrs"] = {
-                k: os.getxattr(path, k, follow_symlinks=False)
-                for k in sorted(os.listxattr(path, follow_symlinks=False))
-                # the oracle cannot hold user.* xattrs on special files (Linux refuses them)
-                if not (special and k.startswith("user."))
-            }
-            if stat.S_ISREG(st.st_mode):
-                regular.append((rel, path))
-                by_inode.setdefault(st.st_ino, []).append(rel)
-            out[rel] = rec
-    with ThreadPoolExecutor(8) as pool:  # concurrent readers over shared spans
-        for (rel, _), digest in zip(
-            regular, pool.map(_digest, [p for _, p in regular]), strict=True
-        ):
-            out[rel]["sha256"] = digest
-    for names in by_inode.values():
-        for rel in names:
-            out[rel]["links"] = sorted(names)
-    return out
-
-
 def implicit_dirs(tar: bytes) -> frozenset[str]:
     """Directories the tar does not list: their mtime is the extraction time."""
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
@@ -194,12 +140,6 @@ def implicit_dirs(tar: bytes) -> frozenset[str]:
         str(p) for n in names for p in Path(n).parents
     }
     return frozenset(p for p in parents if p not in names and p != ".")
-
-
-def assert_same_tree(actual: dict[str, Record], expected: dict[str, Record]) -> None:
-    assert sorted(actual) == sorted(expected)
-    for rel in expected:
-        assert actual[rel] == expected[rel], rel
 
 
 @pytest.fixture(scope="module")
