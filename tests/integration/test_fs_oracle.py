@@ -6,7 +6,6 @@ for `.wh.x`, the opaque xattr for `.wh..wh..opq`), as containerd's overlay diffe
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -14,7 +13,6 @@ import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,12 +20,12 @@ import pytest
 from tests.fixtures.fs_runner import FsRunner, LayerSpec
 from tests.fixtures.layer_data import write_layer
 from tests.fixtures.tars import random_tar
+from tests.fixtures.tree_snapshot import assert_same_tree, snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, mknod, overlay)")
 
 OPAQUE = "trusted.overlay.opaque"
 SEEDS = [11, 12, 13]
-Record = dict[str, object]
 
 
 def _add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, **kw: object) -> None:
