@@ -425,3 +425,55 @@ def test_cleanup_cache_bound_and_memory(rig: Rig) -> None:
     assert "background fetching paused" in log
     # Memory comes back near where it started (the interpreter keeps some arenas).
     assert rss["image 2 removed"] < rss["start"] + 40 * 1024, rss
+
+
+def test_local_layers_and_orphans_are_cleaned_up(rig: Rig) -> None:
+    # A layer below the min layer size has no zTOC: pysoci downloads and unpacks it under
+    # ROOT/layers; removing the image removes that tree.
+    small, small_sha = data_layer(77, 1 << 20)
+    write_image(rig.tmp / "src" / "smalllocal", "v1", [base_layer(), small])
+    plain = f"{rig.reg.host}/smalllocal:v1"
+    subprocess.run(
+        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{rig.tmp}/src/smalllocal:v1",
+         f"docker://{plain}"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    subprocess.run(
+        [PYSOCI, "convert", plain, f"{rig.reg.host}/smalllocal:soci", "--plain-http", "--root",
+         str(rig.tmp / "build"), "-q"],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    ref = f"{rig.proxy.host}/smalllocal:soci"
+    small_digest = "sha256:" + hashlib.sha256(small.blob).hexdigest()
+    rpull(rig, ref)
+    local_dir = rig.root / "layers" / small_digest.replace(":", "-")
+    assert local_dir.is_dir()
+    assert run(rig, ref, "local-1", SHA_SCRIPT).strip() == small_sha
+    remove_image(rig, ref)
+    wait_for(lambda: not local_dir.exists(), 30, "the local layer tree to be removed")
+    assert "removed the local layer" in rig.pysoci.log.read_text()
+
+    # What a crash between a removal and its cleanup leaves behind is swept at start.
+    rig.pysoci.stop()
+    orphan = "sha256:" + "ab" * 32
+    lid = layer_id(orphan)
+    (rig.root / "lazy" / f"{lid}.json").write_text(
+        json.dumps(
+            {"ref": ref, "layer_digest": orphan, "layer_size": 10, "ztoc_digest": orphan,
+             "ztoc_size": 10, "ztoc_media_type": "application/octet-stream"}
+        )
+    )  # fmt: skip
+    ztoc_blob = rig.root / "lazy" / "ztocs" / "blobs" / "sha256" / ("ab" * 32)
+    ztoc_blob.write_bytes(b"orphan")
+    cache_dir = rig.root / "cache" / orphan.replace(":", "-")
+    cache_dir.mkdir()
+    (cache_dir / "blob").write_bytes(b"x" * 4096)
+    local_orphan = rig.root / "layers" / orphan.replace(":", "-")
+    (local_orphan / "etc").mkdir(parents=True)
+    rig.start()
+    assert_healthy(rig)
+    for path in (rig.root / "lazy" / f"{lid}.json", ztoc_blob, cache_dir, local_orphan):
+        assert not path.exists(), path
+    log = rig.pysoci.log.read_text()
+    assert f"removing the record of unused lazy layer {lid}" in log
+    assert "removing unused local layer" in log
