@@ -82,6 +82,21 @@ class FuseConfig:
     attr_timeout: int = 60
     entry_timeout: int = 60
     negative_timeout: int = 60
+    opaque_xattr: str = "trusted.overlay.opaque"
+    """The xattr an opaque directory (`.wh..wh..opq`) answers: "trusted.overlay.opaque", or
+    "user.overlay.opaque" when the overlays over the layers are mounted with `userxattr`
+    (pysoci's key: soci has none, it picks the user one when containerd's overlay would)."""
+
+    def __post_init__(self) -> None:
+        if self.opaque_xattr not in OPAQUE_XATTRS:
+            raise ConfigError(
+                f"fuse.opaque_xattr: expected one of {', '.join(OPAQUE_XATTRS)}, "
+                f"got {self.opaque_xattr!r}"
+            )
+
+
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+"""The xattrs overlayfs reads an opaque directory from (without and with `userxattr`)."""
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,7 @@ class LazyLayers:
             attr_timeout=config.fuse.attr_timeout,
             entry_timeout=config.fuse.entry_timeout,
             negative_timeout=config.fuse.negative_timeout,
+            opaque_xattr=config.fuse.opaque_xattr,
         )
         self.cache = DiskCache(cache_dir, self._fetch.cache_max_bytes)
         self.memory = SpanMemoryCache(self._fetch.memory_cache_bytes)

@@ -14,6 +14,7 @@ from snapshotter.config import (
     load_config,
     parse_config,
 )
+from snapshotter.layers import LazyLayers
 
 SOCI_STYLE = """
 [http]
@@ -94,3 +95,14 @@ def test_load_reports_unknown_keys(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert "unknown key http.MaxRetrys" in caplog.text
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_fuse_opaque_xattr_reaches_the_fuse_tree(tmp_path: Path) -> None:
+    assert Config().fuse.opaque_xattr == "trusted.overlay.opaque"
+    config, unknown = parse_config('[fuse]\nopaque_xattr = "user.overlay.opaque"\n')
+    assert unknown == [] and config.fuse.opaque_xattr == "user.overlay.opaque"
+    # LazyLayers hands it to the FUSE session's inode table, which builds every layer's tree.
+    lazy = LazyLayers(config, tmp_path / "fuse", tmp_path / "cache")
+    assert lazy.session.table.opaque_xattr == "user.overlay.opaque"
+    with pytest.raises(ConfigError, match="opaque_xattr"):
+        parse_config('[fuse]\nopaque_xattr = "trusted.overlay.opaqe"\n')
