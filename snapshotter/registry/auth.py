@@ -5,6 +5,10 @@
 the host they belong to, and to the token realm that host names (never to a plain-HTTP realm
 when the registry itself is reached over HTTPS). Concurrent requests that need the same token
 share one exchange.
+
+Token requests follow the same `[http]` policy as registry requests (`snapshotter.registry.
+transport`): connect/read timeouts, `RequestTimeoutMsec` for the whole exchange, and retries of
+connection errors, 429 and 5xx (not 501) with backoff and `Retry-After`.
 """
 
 from __future__ import annotations
@@ -22,14 +26,22 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from snapshotter import metrics
+from snapshotter.config import HttpConfig
 from snapshotter.errors import AuthenticationError, RegistryResponseError, RegistryUnavailableError
 from snapshotter.registry.credentials import Credentials
+from snapshotter.registry.transport import (
+    RETRYABLE_EXCEPTIONS,
+    RetryTransport,
+    http_timeout,
+    is_retryable_status,
+    request_timeout,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_RESPONSE = 1 << 20
 DEFAULT_TOKEN_LIFETIME = 60.0
-TOKEN_TIMEOUT = 30.0
 CLIENT_ID = "pysoci"
 
 _TCHAR = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
@@ -219,21 +231,24 @@ class RegistryAuth(httpx.Auth):
     """Basic and Bearer-token auth for registry requests; async only.
 
     `credentials(host)` is called (in a worker thread, once per host) when a host first asks
-    for credentials; pass `CredentialStore.get`. `verify(host)` gives the TLS verification for
-    a token realm on `host` (default: the system's); `transport` is for tests and proxies.
+    for credentials; pass `CredentialStore.get`. `verify(realm_host, registry_host)` gives the
+    TLS verification for a token realm on `realm_host` named by a challenge of `registry_host`
+    (both `host[:port]`; pass `RegistryHosts.verify_for`; default: the system's). `http` is the
+    `[http]` section (timeouts, retries) token requests follow; `transport` (the transport under
+    the retries) is for tests and proxies.
     """
 
     def __init__(
         self,
         credentials: Callable[[str], Credentials | None],
         *,
-        verify: Callable[[str], ssl.SSLContext | bool] | None = None,
-        timeout: float = TOKEN_TIMEOUT,
+        verify: Callable[[str, str], ssl.SSLContext | bool] | None = None,
+        http: HttpConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._credentials = credentials
         self._verify = verify
-        self._timeout = timeout
+        self._http = http if http is not None else HttpConfig()
         self._transport = transport
         self._creds: dict[str, Credentials | None] = {}
         self._cred_locks: dict[str, anyio.Lock] = {}
@@ -341,49 +356,91 @@ class RegistryAuth(httpx.Auth):
         if creds is not None and url.scheme == "http" and scheme == "https":
             log.warning("%s: not sending credentials to plain-HTTP token realm %s", host, shown)
             creds = None
-        verify = self._verify(url.host) if self._verify is not None else True
+        verify = self._verify(host_key(url), host) if self._verify is not None else True
         log.debug("%s: token exchange with %s for %s", host, shown, " ".join(scopes) or "-")
-        async with httpx.AsyncClient(
+        inner = self._transport or httpx.AsyncHTTPTransport(
             verify=verify,
-            timeout=self._timeout,
-            transport=self._transport,
-            follow_redirects=True,
-            max_redirects=5,
-        ) as client:
-            if creds is not None and creds.identity_token:
-                form = {
-                    "grant_type": "refresh_token",
-                    "refresh_token": creds.identity_token,
-                    "client_id": CLIENT_ID,
-                    "service": service,
-                    "scope": " ".join(scopes),
-                }
-                req = client.build_request("POST", url, data=form)
-            else:
-                params: list[tuple[str, str | int | float | bool | None]] = (
-                    [("service", service)] if service else []
-                )
-                params += [("scope", s) for s in scopes]
-                headers = {}
-                if creds is not None and creds.username:
-                    headers["Authorization"] = _basic(creds)
-                req = client.build_request("GET", url.copy_merge_params(params), headers=headers)
-            response = await client.send(req, stream=True)
-            try:
-                status = response.status_code
-                if status == 429 or status >= 500:
-                    raise RegistryUnavailableError(
-                        f"token server {shown} for {host} answered HTTP {status}"
-                    )
-                if status != 200:
-                    who = "anonymous access" if creds is None else "the credentials"
-                    raise AuthenticationError(
-                        f"token server {shown} refused {who} for {host} (HTTP {status})"
-                    )
-                body = await _read_bounded(response, MAX_TOKEN_RESPONSE, shown)
-            finally:
-                await response.aclose()
+            retries=0,
+            trust_env=False,
+        )
+        seconds = request_timeout(self._http)
+        try:
+            with anyio.fail_after(None if seconds == float("inf") else seconds):
+                async with httpx.AsyncClient(
+                    transport=RetryTransport(inner, self._http),
+                    timeout=http_timeout(self._http),
+                    follow_redirects=True,
+                    max_redirects=5,
+                    trust_env=False,
+                ) as client:
+                    body = await self._exchange(client, host, url, shown, service, scopes, creds)
+        except TimeoutError:
+            metrics.registry_error("timeout")
+            raise RegistryUnavailableError(
+                f"token server {shown} for {host}: no complete answer within {seconds:g} s"
+            ) from None
+        except RETRYABLE_EXCEPTIONS as exc:  # in the body: the transport retried the rest
+            metrics.registry_error(metrics.transport_error_kind(exc))
+            raise RegistryUnavailableError(
+                f"token server {shown} for {host} failed: {type(exc).__name__}"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise RegistryResponseError(
+                f"token server {shown} for {host} failed: {type(exc).__name__}"
+            ) from None
         return _parse_token(body, shown)
+
+    async def _exchange(
+        self,
+        client: httpx.AsyncClient,
+        host: str,
+        url: httpx.URL,
+        shown: str,
+        service: str,
+        scopes: tuple[str, ...],
+        creds: Credentials | None,
+    ) -> bytes:
+        """One token request (retried by the client's transport); the bounded body."""
+        if creds is not None and creds.identity_token:
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": creds.identity_token,
+                "client_id": CLIENT_ID,
+                "service": service,
+                "scope": " ".join(scopes),
+            }
+            req = client.build_request("POST", url, data=form)
+        else:
+            params: list[tuple[str, str | int | float | bool | None]] = (
+                [("service", service)] if service else []
+            )
+            params += [("scope", s) for s in scopes]
+            headers = {}
+            if creds is not None and creds.username:
+                headers["Authorization"] = _basic(creds)
+            req = client.build_request("GET", url.copy_merge_params(params), headers=headers)
+        try:
+            response = await client.send(req, stream=True)
+        except RegistryUnavailableError as exc:  # the transport's, naming only the host
+            raise RegistryUnavailableError(f"token server for {host}: {exc}") from None
+        try:
+            status = response.status_code
+            if is_retryable_status(status):
+                raise RegistryUnavailableError(
+                    f"token server {shown} for {host} answered HTTP {status}"
+                )
+            if status >= 500:
+                raise RegistryResponseError(
+                    f"token server {shown} for {host}: unexpected answer (HTTP {status})"
+                )
+            if status != 200:
+                who = "anonymous access" if creds is None else "the credentials"
+                raise AuthenticationError(
+                    f"token server {shown} refused {who} for {host} (HTTP {status})"
+                )
+            return await _read_bounded(response, MAX_TOKEN_RESPONSE, shown)
+        finally:
+            await response.aclose()
 
 
 def _basic(creds: Credentials) -> str:

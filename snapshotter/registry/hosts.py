@@ -108,12 +108,42 @@ class RegistryHosts:
         registry = canonical_registry(registry)
         return [e for e in self._all(registry) if capability in e.capabilities]
 
-    def verify_for(self, host: str) -> ssl.SSLContext | bool:
-        """TLS verification for other servers on `host` (token realms): the registry's own."""
+    def verify_for(self, host: str, challenger: str | None = None) -> ssl.SSLContext | bool:
+        """TLS verification for a token realm on `host`, named by a challenge of `challenger`.
+
+        Both are `host[:port]`. The realm host's own configuration wins when it has one (a
+        `<config_path>/<host>/` directory); otherwise the realm is reached with the TLS settings
+        of the endpoint that sent the challenge (containerd fetches tokens with the registry
+        host's client too), so a registry's CA, client certificate or `skip_verify` also
+        cover its token server; otherwise the defaults (with this object's `skip_verify`).
+        """
+        own_dir = Path(self._config.registry.config_path) / canonical_registry(host)
+        if challenger is not None and not own_dir.is_dir():
+            verify = self._endpoint_verify(challenger)
+            if verify is not None:
+                return verify
         for endpoint in self._all(host):
             if not endpoint.mirror:
                 return endpoint.verify
         return True
+
+    def _endpoint_verify(self, authority: str) -> ssl.SSLContext | bool | None:
+        """The TLS verification of the HTTPS endpoint at `authority`: one already in use, else
+        the registry of that name's own."""
+        wanted = _authority_key("https", authority)
+
+        def find(endpoints: list[Endpoint]) -> ssl.SSLContext | bool | None:
+            for endpoint in endpoints:
+                scheme, netloc = endpoint.url.split("://", 1)
+                if scheme == "https" and _authority_key(scheme, netloc) == wanted:
+                    return endpoint.verify
+            return None
+
+        for endpoints in list(self._cache.values()):
+            found = find(endpoints)
+            if found is not None:
+                return found
+        return find(self._all(authority))
 
     def _all(self, registry: str) -> list[Endpoint]:
         registry = canonical_registry(registry)
@@ -236,6 +266,13 @@ class RegistryHosts:
                 raise ConfigError(f"{source}: cannot load client certificate {cert[0]}: {e}") from e
         self._contexts[key] = context
         return context
+
+
+def _authority_key(scheme: str, authority: str) -> str:
+    """`host[:port]` in lower case, without the scheme's default port."""
+    authority = authority.lower()
+    default = {"http": ":80", "https": ":443"}[scheme]
+    return authority.removesuffix(default)
 
 
 def _docker_certs_dir(directory: Path) -> _HostSettings:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from snapshotter.config import Config, HttpConfig, RegistryConfig
 from snapshotter.errors import AuthenticationError, RegistryResponseError, RegistryUnavailableError
 from snapshotter.registry.auth import (
     Challenge,
@@ -23,10 +26,20 @@ from snapshotter.registry.auth import (
     request_scopes,
 )
 from snapshotter.registry.credentials import Credentials
+from snapshotter.registry.hosts import RegistryHosts
+from tests.fixtures.certs import make_pki
 
 SECRET = "p4ssw0rd-never-logged"
 REGISTRY = "https://registry.example"
 REALM = "https://auth.example/token"
+FAST = HttpConfig(
+    DialTimeoutMsec=1500,
+    ResponseHeaderTimeoutMsec=2500,
+    RequestTimeoutMsec=20_000,
+    MaxRetries=3,
+    MinWaitMsec=1,
+    MaxWaitMsec=10_000,
+)
 
 # --- WWW-Authenticate ----------------------------------------------------------------------
 
@@ -153,6 +166,9 @@ class FakeRegistry:
     token_body: Callable[[int], bytes] | None = None
     token_status: int = 200
     token_delay: float = 0.0
+    token_failures: list[int | type[Exception]] = field(default_factory=list)
+    """Answered (a status) or raised (an httpx exception) first, one per token request."""
+    retry_after: str | None = None
     tokens_issued: int = 0
     token_requests: list[httpx.Request] = field(default_factory=list)
     registry_requests: list[httpx.Request] = field(default_factory=list)
@@ -171,6 +187,12 @@ class FakeRegistry:
             self.token_requests.append(request)
             if self.token_delay:
                 await trio.sleep(self.token_delay)
+            if self.token_failures:
+                failure = self.token_failures.pop(0)
+                if not isinstance(failure, int):
+                    raise failure("scripted", request=request)
+                headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+                return httpx.Response(failure, headers=headers, text="busy")
             if self.token_status != 200:
                 return httpx.Response(self.token_status, text=SECRET)
             self.tokens_issued += 1
@@ -209,10 +231,12 @@ class Lookups:
 ALICE = {"registry.example": Credentials("alice", SECRET)}
 
 
-def client_for(fake: FakeRegistry, creds: dict[str, Credentials] | Lookups) -> httpx.AsyncClient:
+def client_for(
+    fake: FakeRegistry, creds: dict[str, Credentials] | Lookups, http: HttpConfig = FAST
+) -> httpx.AsyncClient:
     transport = httpx.MockTransport(fake)
     lookup = creds if isinstance(creds, Lookups) else Lookups(creds)
-    auth = RegistryAuth(lookup, transport=transport)
+    auth = RegistryAuth(lookup, transport=transport, http=http)
     return httpx.AsyncClient(transport=transport, auth=auth, follow_redirects=True)
 
 
@@ -391,6 +415,83 @@ async def test_token_server_errors(status: int, error: type[Exception]) -> None:
         with pytest.raises(error, match=f"HTTP {status}") as info:
             await client.get(f"{REGISTRY}/v2/a/manifests/v1")
     assert SECRET not in str(info.value)
+    assert len(fake.token_requests) == (FAST.MaxRetries + 1 if status == 503 else 1)
+
+
+# --- token requests follow the [http] retry and timeout policy --------------------------------
+
+
+async def test_token_retries_honour_retry_after(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeRegistry(token_failures=[429, 503, 502], retry_after="4")
+    async with client_for(fake, ALICE) as client:
+        started = trio.current_time()
+        response = await client.get(f"{REGISTRY}/v2/a/manifests/v1")
+        elapsed = trio.current_time() - started
+    assert response.status_code == 200
+    assert len(fake.token_requests) == 4
+    assert all(r.headers["authorization"] == basic("alice", SECRET) for r in fake.token_requests)
+    assert 12 <= elapsed < 13, "three waits of Retry-After: 4, not MinWaitMsec"
+
+
+async def test_token_connection_errors_are_retried() -> None:
+    fake = FakeRegistry(token_failures=[httpx.ConnectError, httpx.ReadTimeout])
+    creds = {"registry.example": Credentials(identity_token=SECRET)}
+    async with client_for(fake, creds) as client:  # the POST form is replayed too
+        response = await client.get(f"{REGISTRY}/v2/a/manifests/v1")
+    assert response.status_code == 200
+    assert [r.method for r in fake.token_requests] == ["POST"] * 3
+
+
+async def test_token_connection_errors_give_up_within_the_budget() -> None:
+    fake = FakeRegistry(token_failures=[httpx.ConnectError] * 10)
+    async with client_for(fake, ALICE) as client:
+        with pytest.raises(RegistryUnavailableError, match=r"token server.*4 attempt"):
+            await client.get(f"{REGISTRY}/v2/a/manifests/v1")
+    assert len(fake.token_requests) == FAST.MaxRetries + 1
+
+
+async def test_token_501_is_not_retried() -> None:
+    fake = FakeRegistry(token_failures=[501])
+    async with client_for(fake, ALICE) as client:
+        with pytest.raises(RegistryResponseError, match="HTTP 501"):
+            await client.get(f"{REGISTRY}/v2/a/manifests/v1")
+    assert len(fake.token_requests) == 1
+
+
+async def test_token_requests_use_the_http_timeouts(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeRegistry()
+    async with client_for(fake, ALICE) as client:
+        await client.get(f"{REGISTRY}/v2/a/manifests/v1")
+    assert fake.token_requests[0].extensions["timeout"] == {
+        "connect": 1.5,
+        "read": 2.5,
+        "write": 2.5,
+        "pool": 1.5,
+    }
+    # RequestTimeoutMsec bounds the whole exchange, retries included.
+    slow = FakeRegistry(token_delay=30)
+    http = HttpConfig(RequestTimeoutMsec=5000, MaxRetries=0)
+    async with client_for(slow, ALICE, http) as client:
+        started = trio.current_time()
+        with pytest.raises(RegistryUnavailableError, match="within 5 s"):
+            await client.get(f"{REGISTRY}/v2/a/manifests/v1")
+        assert trio.current_time() - started == pytest.approx(5)
+
+
+async def test_verify_is_asked_for_the_realm_and_the_challenging_registry() -> None:
+    asked: list[tuple[str, str]] = []
+
+    def verify(realm: str, registry: str) -> bool:
+        asked.append((realm, registry))
+        return True
+
+    fake = FakeRegistry(realm="https://auth.example:8443/token")
+    transport = httpx.MockTransport(fake)
+    auth = RegistryAuth(Lookups(ALICE), verify=verify, transport=transport, http=FAST)
+    async with httpx.AsyncClient(transport=transport, auth=auth) as client:
+        response = await client.get(f"{REGISTRY}/v2/a/manifests/v1")
+    assert response.status_code == 200
+    assert asked == [("auth.example:8443", "registry.example")]
 
 
 async def test_challenge_without_realm_or_malformed() -> None:
@@ -405,3 +506,31 @@ def test_sync_clients_are_refused() -> None:
     transport = httpx.MockTransport(lambda r: httpx.Response(200))
     with httpx.Client(auth=auth, transport=transport) as c, pytest.raises(NotImplementedError):
         c.get("https://registry.example/v2/")
+
+
+def test_realm_tls_from_the_challenging_endpoint(tmp_path: Path) -> None:
+    """RegistryHosts.verify_for: the realm's own directory, else the challenger's TLS."""
+    pki = make_pki(tmp_path / "pki")
+    root = tmp_path / "certs.d"
+    mirror_ca = f'[host."https://mirror.example:5000"]\nca = "{pki.ca.cert_path}"\n'
+    for host, text in {
+        "registry.example": "skip_verify = true\n",
+        "docker.io": mirror_ca,
+        "auth.example": f'ca = "{pki.ca.cert_path}"\n',
+    }.items():
+        (root / host).mkdir(parents=True)
+        (root / host / "hosts.toml").write_text(text)
+    hosts = RegistryHosts(Config(registry=RegistryConfig(config_path=str(root))))
+    # The realm host has a directory of its own: that wins.
+    own = hosts.verify_for("auth.example", "registry.example")
+    assert isinstance(own, ssl.SSLContext) and own.verify_mode == ssl.CERT_REQUIRED
+    # Else the registry's skip_verify covers its realm; an unconfigured challenger: defaults.
+    assert hosts.verify_for("token.example", "registry.example") is False
+    assert hosts.verify_for("token.example", "registry.example:443") is False
+    assert hosts.verify_for("token.example", "other.example") is True
+    assert hosts.verify_for("token.example") is True
+    # A mirror that challenged: its CA, once its endpoint is known.
+    hosts.endpoints("docker.io", "pull")
+    mirror = hosts.verify_for("token.example", "mirror.example:5000")
+    assert isinstance(mirror, ssl.SSLContext)
+    assert any("pysoci test CA" in str(c["subject"]) for c in mirror.get_ca_certs())
