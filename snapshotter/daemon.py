@@ -45,10 +45,11 @@ def registry_client(config: Config) -> RegistryClient:
     """The daemon's registry client: hosts.toml, mirrors and Docker credentials of the node."""
     docker_dir = Path(config.registry.docker_config) if config.registry.docker_config else None
     credentials = CredentialStore(docker_dir)
+    hosts = RegistryHosts(config)
     return RegistryClient(
         config,
-        hosts=RegistryHosts(config),
-        auth=RegistryAuth(credentials.get),
+        hosts=hosts,
+        auth=RegistryAuth(credentials.get, verify=hosts.verify_for, http=config.http),
         force_single_range=config.blob.force_single_range_mode,
     )
 

@@ -57,6 +57,5 @@ def registry_client(
     docker_dir = Path(config.registry.docker_config) if config.registry.docker_config else None
     credentials = CredentialStore(docker_dir, overrides=overrides)
     hosts = RegistryHosts(config, plain_http=args.plain_http, skip_verify=args.skip_verify)
-    return RegistryClient(
-        config, hosts=hosts, auth=RegistryAuth(credentials.get), plain_http=args.plain_http
-    )
+    auth = RegistryAuth(credentials.get, verify=hosts.verify_for, http=config.http)
+    return RegistryClient(config, hosts=hosts, auth=auth, plain_http=args.plain_http)

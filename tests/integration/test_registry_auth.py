@@ -1,11 +1,14 @@
 """RegistryAuth and RegistryHosts against a real docker-registry: TLS, htpasswd, bearer tokens.
 
-Requests go through raw httpx clients (`verify=endpoint.verify`, `auth=RegistryAuth(...)`), so
-these tests exercise the auth and hosts layers on their own.
+Most requests go through raw httpx clients (`verify=endpoint.verify`, `auth=RegistryAuth(...)`),
+so these tests exercise the auth and hosts layers on their own; the HTTPS token realm tests use
+the registry clients the CLI and the daemon build, as wired in production.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import hashlib
 import json
 import logging
@@ -18,10 +21,14 @@ import httpx
 import pytest
 import trio
 
-from snapshotter.config import Config, RegistryConfig
+from snapshotter.cli.registry_args import registry_client as cli_registry_client
+from snapshotter.config import Config, HttpConfig, RegistryConfig
+from snapshotter.daemon import registry_client as daemon_registry_client
+from snapshotter.errors import RegistryResponseError, RegistryUnavailableError
 from snapshotter.registry.auth import RegistryAuth
 from snapshotter.registry.credentials import Credentials
 from snapshotter.registry.hosts import RegistryHosts
+from snapshotter.registry.reference import parse_reference
 from tests.fixtures.certs import Pki, make_pki
 from tests.fixtures.registry import Registry, start_registry
 from tests.fixtures.token_server import TokenServer, User
@@ -328,3 +335,140 @@ async def test_token_refreshed_after_expiry(pushed: tuple[TokenServer, Registry]
             assert server.count == 2
     finally:
         server.expires_in = 300
+
+
+# --- bearer tokens from an HTTPS realm (TLS registry and token server, the test CA) ------------
+
+FAST_HTTP = HttpConfig(
+    DialTimeoutMsec=2000,
+    ResponseHeaderTimeoutMsec=2000,
+    RequestTimeoutMsec=20000,
+    MaxRetries=3,
+    MinWaitMsec=1,
+    MaxWaitMsec=50,
+)
+
+
+@pytest.fixture(scope="module")
+def tls_token_rig(
+    tmp_path_factory: pytest.TempPathFactory, pki: Pki
+) -> Iterator[tuple[TokenServer, Registry]]:
+    workdir = tmp_path_factory.mktemp("tls-token-registry")
+    users = {"alice": User(PASSWORD, {"*": {"pull", "push"}})}
+    server = TokenServer(
+        workdir / "token", users, anonymous={}, tls=(pki.server.cert_path, pki.server.key_path)
+    )
+    assert server.realm.startswith("https://")
+    reg = start_registry(
+        workdir / "registry",
+        tls=(pki.server.cert_path, pki.server.key_path),
+        ca=pki.ca.cert_path,
+        auth=server.registry_auth(),
+    )
+
+    async def push() -> None:
+        auth = RegistryAuth(
+            {reg.host: Credentials("alice", PASSWORD)}.get,
+            verify=lambda *_: ca_context(pki),
+        )
+        async with httpx.AsyncClient(auth=auth, verify=ca_context(pki)) as client:
+            await push_image(client, reg.url, "private/app", "v1")
+
+    trio.run(push)
+    yield server, reg
+    reg.stop()
+    server.stop()
+
+
+def tls_config(tmp_path: Path, registry_host: str, ca: Path | None) -> Config:
+    """Config whose hosts.toml gives `registry_host` the CA (none: no hosts.toml at all)."""
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    if ca is not None:
+        (certs / registry_host).mkdir()
+        (certs / registry_host / "hosts.toml").write_text(f'ca = "{ca}"\n')
+    return Config(
+        http=FAST_HTTP,
+        registry=RegistryConfig(config_path=str(certs), docker_config=str(tmp_path / "docker")),
+    )
+
+
+def cli_args(*, skip_verify: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(user=f"alice:{PASSWORD}", plain_http=False, skip_verify=skip_verify)
+
+
+async def test_https_token_realm_needs_its_tls_settings(
+    tls_token_rig: tuple[TokenServer, Registry], pki: Pki
+) -> None:
+    """Without the realm's TLS settings the exchange fails at once, with a clear typed error."""
+    server, reg = tls_token_rig
+    server.reset()
+    auth = creds_for({reg.host: Credentials("alice", PASSWORD)})
+    async with httpx.AsyncClient(auth=auth, verify=ca_context(pki)) as client:
+        with pytest.raises(RegistryUnavailableError, match="TLS failed") as info:
+            await client.get(f"{reg.url}/v2/private/app/tags/list")
+    assert PASSWORD not in str(info.value)
+    assert server.count == 0
+
+
+@pytest.mark.parametrize("how", ["registry-ca", "skip-verify"])
+async def test_cli_client_gets_tokens_from_an_https_realm(
+    tls_token_rig: tuple[TokenServer, Registry], pki: Pki, tmp_path: Path, how: str
+) -> None:
+    """`pysoci` commands: the registry's hosts.toml CA, or --skip-verify, covers its realm."""
+    server, reg = tls_token_rig
+    server.reset()
+    ref = parse_reference(f"{reg.host}/private/app:v1")
+    ca = pki.ca.cert_path if how == "registry-ca" else None
+    args = cli_args(skip_verify=how == "skip-verify")
+    async with cli_registry_client(args, tls_config(tmp_path, reg.host, ca), [ref]) as client:
+        desc, _ = await client.get_manifest(ref)
+    assert desc.media_type == "application/vnd.oci.image.manifest.v1+json"
+    assert [r["status"] for r in server.requests] == [200]
+    assert server.requests[0]["user"] == "alice"
+
+
+async def test_daemon_client_gets_tokens_from_an_https_realm(
+    tls_token_rig: tuple[TokenServer, Registry], pki: Pki, tmp_path: Path
+) -> None:
+    server, reg = tls_token_rig
+    server.reset()
+    config = tls_config(tmp_path, reg.host, pki.ca.cert_path)
+    docker = Path(config.registry.docker_config)
+    docker.mkdir()
+    pair = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    (docker / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": pair}}}))
+    ref = parse_reference(f"{reg.host}/private/app:v1")
+    async with daemon_registry_client(config) as client:
+        resolved = await client.resolve(ref)
+    assert resolved.digest.startswith("sha256:")
+    assert [r["user"] for r in server.requests] == ["alice"]
+
+
+async def test_token_requests_are_retried_like_registry_requests(
+    tls_token_rig: tuple[TokenServer, Registry], pki: Pki, tmp_path: Path
+) -> None:
+    """429/5xx from the token server are retried within [http] MaxRetries; 501 is not."""
+    server, reg = tls_token_rig
+    ref = parse_reference(f"{reg.host}/private/app:v1")
+    config = tls_config(tmp_path, reg.host, pki.ca.cert_path)
+    server.reset()
+    server.fail_with = [503, 429, 502]
+    server.retry_after = "0"
+    async with cli_registry_client(cli_args(), config, [ref]) as client:
+        await client.get_manifest(ref)
+    assert [r["status"] for r in server.requests] == [503, 429, 502, 200]
+
+    server.reset()
+    server.fail_with = [503] * (FAST_HTTP.MaxRetries + 1)
+    async with cli_registry_client(cli_args(), config, [ref]) as client:
+        with pytest.raises(RegistryUnavailableError, match="HTTP 503"):
+            await client.get_manifest(ref)
+    assert server.count == FAST_HTTP.MaxRetries + 1
+
+    server.reset()
+    server.fail_with = [501]
+    async with cli_registry_client(cli_args(), config, [ref]) as client:
+        with pytest.raises(RegistryResponseError, match="HTTP 501"):
+            await client.get_manifest(ref)
+    assert server.count == 1
