@@ -3,8 +3,10 @@
 1. an explicit index digest (a label, or `--soci-index-digest`);
 2. v2: the `com.amazon.soci.index-digest` annotation of the image manifest;
 3. v1: the referrers API for the manifest, falling back to the `sha256-<hex>` tag;
-4. the local content store (indexes built here with `pysoci create`).
-No index means the image is not lazy.
+4. the local content store (v1 indexes built here with `pysoci create`).
+No index means the image is not lazy. An index named by digest (1, 2) is read from the local
+store when it holds it, and a zTOC too: both are content-addressed, so a local copy is the
+same bytes, and an index that was built here but never pushed still works.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class FoundIndex:
     descriptor: oci.Descriptor
     index: soci_index.SociIndex
     source: str
-    """explicit, v2-annotation, referrers or local."""
+    """explicit, v2-annotation, referrers or local; the first two end in " (local)" when the
+    index was read from the local store."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,38 @@ class Modes:
     v2: bool = True
 
 
-async def _from_registry(
-    client: RegistryClient, ref: Reference, digest: str
-) -> tuple[oci.Descriptor, soci_index.SociIndex]:
+async def _index_by_digest(
+    client: RegistryClient, ref: Reference, digest: str, store: OciLayout | None
+) -> tuple[oci.Descriptor, soci_index.SociIndex, bool]:
+    """The index manifest `digest`: from the local store when it holds it (content-addressed,
+    so a local copy is as good as the registry's), else from the registry. The flag says
+    whether it was local."""
+    if store is not None:
+        try:
+            raw = store.read_blob(digest, max_size=MAX_INDEX)
+        except ContentNotFoundError:
+            pass
+        else:
+            idx = soci_index.parse_soci_index(raw)
+            desc = oci.Descriptor(
+                oci.MEDIA_TYPE_OCI_MANIFEST, digest, len(raw), artifact_type=idx.artifact_type
+            )
+            return desc, idx, True
     desc, raw = await client.get_manifest(ref.with_digest(digest))
-    return desc, soci_index.parse_soci_index(raw)
+    return desc, soci_index.parse_soci_index(raw), False
+
+
+def _local_index(
+    store: OciLayout, manifest_digest: str
+) -> tuple[oci.Descriptor, soci_index.SociIndex] | None:
+    """A v1 index in the local store whose subject is `manifest_digest` (`pysoci create`)."""
+    try:
+        for desc, idx in iter_soci_index_descriptors(store):
+            if idx.subject is not None and idx.subject.digest == manifest_digest:
+                return desc, idx
+    except (FormatError, ContentNotFoundError, OSError) as e:
+        log.warning("local content store %s is unreadable (%s); not using it", store.root, e)
+    return None
 
 
 async def find_soci_index(
@@ -62,15 +92,19 @@ async def find_soci_index(
     modes: Modes = Modes(),
     store: OciLayout | None = None,
 ) -> FoundIndex | None:
-    """The SOCI index for the platform manifest `manifest_digest` of `ref`, or None."""
+    """The SOCI index for the platform manifest `manifest_digest` of `ref`, or None.
+
+    `store` is the local content store: indexes named by digest are read from it when it holds
+    them, and it is the last place looked (v1 indexes whose subject is the manifest).
+    """
     if explicit_digest:
-        desc, idx = await _from_registry(client, ref, explicit_digest)
-        return FoundIndex(desc, idx, "explicit")
+        desc, idx, local = await _index_by_digest(client, ref, explicit_digest, store)
+        return FoundIndex(desc, idx, "explicit (local)" if local else "explicit")
     if modes.v2:
         digest = soci_index.find_soci_index_digest(manifest)
         if digest:
-            desc, idx = await _from_registry(client, ref, digest)
-            return FoundIndex(desc, idx, "v2-annotation")
+            desc, idx, local = await _index_by_digest(client, ref, digest, store)
+            return FoundIndex(desc, idx, "v2-annotation (local)" if local else "v2-annotation")
     if modes.v1:
         try:
             referrers = await client.referrers(ref, manifest_digest, soci_index.SOCI_INDEX_V1)
@@ -79,24 +113,18 @@ async def find_soci_index(
             referrers = []
         for desc in referrers:
             try:
-                _, idx = await _from_registry(client, ref, desc.digest)
+                _, idx, _ = await _index_by_digest(client, ref, desc.digest, None)
             except (RegistryError, FormatError) as e:
                 log.warning("skipping SOCI index %s of %s: %s", desc.digest, ref, e)
                 continue
             if idx.subject is None or idx.subject.digest == manifest_digest:
                 return FoundIndex(desc, idx, "referrers")
-    if store is not None:
-        for desc, idx in iter_soci_index_descriptors(store):
-            if idx.subject is not None and idx.subject.digest == manifest_digest:
-                return FoundIndex(desc, idx, "local")
+        # The local store holds v1 indexes (`pysoci create`), so v1 mode governs it too.
+        if store is not None:
+            found = _local_index(store, manifest_digest)
+            if found is not None:
+                return FoundIndex(found[0], found[1], "local")
     return None
-
-
-def _desc(digest: str, idx: soci_index.SociIndex) -> oci.Descriptor:
-    raw = idx.to_json_bytes()
-    return oci.Descriptor(
-        oci.MEDIA_TYPE_OCI_MANIFEST, digest, len(raw), artifact_type=idx.artifact_type
-    )
 
 
 async def fetch_ztoc(
@@ -105,16 +133,27 @@ async def fetch_ztoc(
     desc: oci.Descriptor,
     *,
     store: OciLayout | None = None,
+    local: OciLayout | None = None,
 ) -> Ztoc:
-    """A zTOC by descriptor: from the local store when there, else the registry (then stored)."""
+    """A zTOC by descriptor, from the first place that has it: `store` (where fetched zTOCs
+    are kept), `local` (a read-only content store, such as the one `pysoci create` fills,
+    whose index may exist nowhere else), the registry. What `store` lacked is written to it."""
     if desc.size > MAX_ZTOC:
         raise FormatError(f"zTOC {desc.digest} claims {desc.size} bytes, over {MAX_ZTOC}")
-    if store is not None:
+    data: bytes | None = None
+    for source in (store, local):
+        if source is None:
+            continue
         try:
-            return decode_ztoc(store.read_blob(desc.digest, max_size=MAX_ZTOC))
+            data = source.read_blob(desc.digest, max_size=MAX_ZTOC)
         except ContentNotFoundError:
-            pass
-    data = await client.read_blob(ref, desc.digest, max_size=max(desc.size, 1))
+            continue
+        if source is store:
+            return decode_ztoc(data)
+        break
+    if data is None:
+        data = await client.read_blob(ref, desc.digest, max_size=max(desc.size, 1))
+    ztoc = decode_ztoc(data)
     if store is not None:
         store.write_blob(data)
-    return decode_ztoc(data)
+    return ztoc

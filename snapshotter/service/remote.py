@@ -9,6 +9,10 @@ from the reference and the layer digest).
 
 Called from gRPC threads; all registry and FUSE work runs on the trio loop through the bridge.
 
+Indexes are looked for in soci's order (content.discovery), ending with the local content
+store `ROOT/content` that `pysoci create --root ROOT` fills; zTOCs are read from it too, so an
+index built on this node and never pushed serves its image lazily.
+
 What a restart needs is kept at Prepare time, so that it needs no registry: the zTOC in the
 daemon's own content store (`ROOT/lazy/ztocs`, an OCI layout, apart from `ROOT/content` which
 `pysoci create` fills) and a record per lazy layer (`ROOT/lazy/<layer-id>.json`: image
@@ -99,6 +103,11 @@ class LazyLayerRecord:
         os.replace(tmp, path)
 
 
+class LayerNotInImageError(ManifestError):
+    """The labels name a layer that the image they name does not have (another repository's
+    layer, a stale manifest digest): nothing to serve lazily."""
+
+
 @dataclass(frozen=True)
 class LayerRequest:
     """The image and layer a Prepare's labels name."""
@@ -175,8 +184,12 @@ class SociRemote:
         self.bridge = bridge
         self.modes = modes or Modes()
         self.content: OciLayout | None = None
+        """`ROOT/lazy/ztocs`: the zTOCs of mounted layers, owned by this daemon."""
         self.records_dir: Path | None = None
+        self.local_store_dir: Path | None = None
+        """`ROOT/content`: the content store `pysoci create --root ROOT` fills (read only)."""
         if state_dir is not None:
+            self.local_store_dir = state_dir / "content"
             self.records_dir = state_dir / "lazy"
             self.records_dir.mkdir(parents=True, exist_ok=True)
             self.content = OciLayout.open(self.records_dir / "ztocs", create=True)
@@ -203,6 +216,11 @@ class SociRemote:
             log.warning("snapshot %s: unusable remote-snapshot labels (%s); not lazy", key, e)
             return None
         if request is None:
+            if LABEL_TARGET in labels:
+                log.info(
+                    "snapshot %s: no image reference or layer digest among the labels; not lazy",
+                    key,
+                )
             return None
         return self.bridge.run(self._prepare, key, request)
 
@@ -226,6 +244,18 @@ class SociRemote:
 
     def _record_path(self, lid: str) -> Path | None:
         return None if self.records_dir is None else self.records_dir / f"{lid}.json"
+
+    def _local_store(self) -> OciLayout | None:
+        """`ROOT/content` when it is a content store (looked at on each use: `pysoci create`
+        may make it while the daemon runs)."""
+        path = self.local_store_dir
+        if path is None or not (path / "oci-layout").exists():
+            return None
+        try:
+            return OciLayout.open(path)
+        except PysociError as e:
+            log.warning("local content store %s is unusable (%s); not using it", path, e)
+            return None
 
     async def _check_layer(self, lid: str) -> None:
         if lid in self._unrestored:
@@ -326,7 +356,9 @@ class SociRemote:
             raise FormatError(f"lazy layer {lid} has no record: it cannot be mounted again")
         ref = parse_reference(record.ref)
         desc = oci.Descriptor(record.ztoc_media_type, record.ztoc_digest, record.ztoc_size)
-        ztoc = await fetch_ztoc(self.client, ref, desc, store=self.content)
+        ztoc = await fetch_ztoc(
+            self.client, ref, desc, store=self.content, local=self._local_store()
+        )
         if ztoc.compressed_archive_size != record.layer_size:
             raise FormatError(f"zTOC {record.ztoc_digest} does not fit layer {record.layer_digest}")
         source = RegistryRangeSource(self.client, ref, record.layer_digest)
@@ -367,16 +399,21 @@ class SociRemote:
                     self.local.remove_dir(entry)
 
     async def _prepare(self, key: str, request: LayerRequest) -> RemoteLayer | None:
-        image = await self._image(request)
-        if image is None or image.index is None:
+        try:
+            image = await self._image(request)
+            layer, position = self._layer(image, request)
+        except LayerNotInImageError as e:
+            log.warning("snapshot %s: %s; not lazy, containerd unpacks it", key, e)
+            return None
+        if image.index is None:
             log.info(
-                "snapshot %s: image %s has no SOCI index; containerd unpacks layer %s",
+                "snapshot %s: image %s (%s) has no SOCI index; containerd unpacks layer %s",
                 key,
                 request.ref,
+                image.manifest_digest,
                 request.layer_digest,
             )
             return None
-        layer, position = self._layer(image, request)
         ztoc_desc = image.index.index.ztoc_for_layer(layer.digest)
         result: RemoteLayer
         if ztoc_desc is None:
@@ -386,16 +423,24 @@ class SociRemote:
             log.info("snapshot %s: layer %s has no zTOC; unpacked locally", key, layer.digest)
             result = RemoteLayer(str(path), remote=False)
         else:
+            lid = layer_id(layer.digest)
+            record_path = self._record_path(lid)
+            wrote_record = False
             try:
-                ztoc = await fetch_ztoc(self.client, request.ref, ztoc_desc, store=self.content)
+                ztoc = await fetch_ztoc(
+                    self.client,
+                    request.ref,
+                    ztoc_desc,
+                    store=self.content,
+                    local=self._local_store(),
+                )
                 if ztoc.compressed_archive_size != layer.size:
                     raise FormatError(
                         f"zTOC {ztoc_desc.digest} is for {ztoc.compressed_archive_size} bytes, "
                         f"the layer has {layer.size}"
                     )
-                lid = layer_id(layer.digest)
-                record_path = self._record_path(lid)
                 if record_path is not None and not record_path.exists():
+                    wrote_record = True
                     LazyLayerRecord(
                         ref=str(request.ref),
                         layer_digest=layer.digest,
@@ -410,6 +455,8 @@ class SociRemote:
                 result = RemoteLayer(str(path), remote=True)
                 log.info("snapshot %s: layer %s served lazily at %s", key, layer.digest, path)
             except PysociError as e:
+                if wrote_record and record_path is not None:
+                    record_path.unlink(missing_ok=True)
                 log.error(
                     "snapshot %s: LAZY MOUNT FAILED for layer %s of %s (%s); unpacking it locally",
                     key,
@@ -428,11 +475,12 @@ class SociRemote:
         for i, layer in enumerate(image.manifest.layers):
             if layer.digest == request.layer_digest:
                 return layer, i
-        raise ManifestError(
-            f"layer {request.layer_digest} is not in {request.ref} ({image.manifest_digest})"
+        raise LayerNotInImageError(
+            f"layer {request.layer_digest} is not in image {request.ref} "
+            f"(manifest {image.manifest_digest})"
         )
 
-    async def _image(self, request: LayerRequest) -> _Image | None:
+    async def _image(self, request: LayerRequest) -> _Image:
         """The image a layer belongs to (cached: every layer of an image asks)."""
         cache_key = (str(request.ref), request.manifest_digest or request.layer_digest)
         self._expire_images()
@@ -441,8 +489,6 @@ class SociRemote:
             if cache_key in self._images:
                 return self._images[cache_key]
             manifest_digest, manifest = await self._manifest(request)
-            if manifest is None:
-                return None
             config = await self.client.read_blob(
                 request.ref, manifest.config.digest, max_size=4 << 20
             )
@@ -453,6 +499,7 @@ class SociRemote:
                 manifest,
                 explicit_digest=request.index_digest,
                 modes=self.modes,
+                store=self._local_store(),
             )
             image = _Image(
                 manifest_digest,
@@ -486,8 +533,9 @@ class SociRemote:
             ):
                 del self._image_locks[key]
 
-    async def _manifest(self, request: LayerRequest) -> tuple[str, oci.ImageManifest | None]:
-        """The platform manifest holding the layer (ctr-remote sends no manifest digest)."""
+    async def _manifest(self, request: LayerRequest) -> tuple[str, oci.ImageManifest]:
+        """The platform manifest holding the layer (ctr-remote sends no manifest digest);
+        LayerNotInImageError when none does."""
         ref = (
             request.ref.with_digest(request.manifest_digest)
             if request.manifest_digest
@@ -496,7 +544,12 @@ class SociRemote:
         desc, raw = await self.client.get_manifest(ref)
         parsed = oci.parse_manifest(raw, media_type_hint=desc.media_type)
         if isinstance(parsed, oci.ImageManifest):
-            return desc.digest, parsed if _has_layer(parsed, request.layer_digest) else None
+            if not _has_layer(parsed, request.layer_digest):
+                raise LayerNotInImageError(
+                    f"layer {request.layer_digest} is not in image {request.ref} "
+                    f"(manifest {desc.digest})"
+                )
+            return desc.digest, parsed
         candidates = [
             d
             for d in parsed.manifests
@@ -515,7 +568,10 @@ class SociRemote:
                 manifest, request.layer_digest
             ):
                 return d.digest, manifest
-        return "", None
+        raise LayerNotInImageError(
+            f"layer {request.layer_digest} is not in image {request.ref}: none of the "
+            f"{len(candidates)} platform manifest(s) of {desc.digest} lists it"
+        )
 
 
 def _has_layer(manifest: oci.ImageManifest, digest: str) -> bool:

@@ -1,0 +1,571 @@
+"""The remote-snapshot hook on bad and unusual input: Prepare labels, layers that are not in the
+image, zTOCs that do not fit their layer, and indexes that exist only in the local store.
+
+The registry is a small fake over one OCI layout per repository (what the hook asks of
+RegistryClient: manifests, whole blobs, blob streams, referrers); the lazy layer service is a
+fake that records mounts (FUSE needs root). Local unpacks, the content stores, the index
+building and the gRPC-thread → trio bridge are the real ones.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import shutil
+import tarfile
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import trio
+
+from snapshotter.content.indexing import IndexOptions, LayoutIndexer, iter_soci_index_descriptors
+from snapshotter.content.layout import OciLayout
+from snapshotter.content.local_layers import LocalLayers
+from snapshotter.errors import (
+    ContentNotFoundError,
+    FormatError,
+    InvalidReferenceError,
+    RegistryNotFoundError,
+)
+from snapshotter.layers import LayerMountError, LazyLayers
+from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.reference import Reference
+from snapshotter.rootfs import layer_id
+from snapshotter.service.remote import (
+    LABEL_CRI_IMAGE_REF,
+    LABEL_CRI_LAYER_DIGEST,
+    LABEL_CRI_MANIFEST_DIGEST,
+    LABEL_SOCI_INDEX_DIGEST,
+    LABEL_STARGZ_DIGEST,
+    LABEL_STARGZ_REFERENCE,
+    LABEL_TARGET,
+    SociRemote,
+    TrioBridge,
+    parse_labels,
+)
+from snapshotter.service.snapshots import LayerRecord, RemoteLayer
+from snapshotter.soci import index as soci_index
+from snapshotter.soci import oci
+from snapshotter.soci.ztoc import Ztoc
+from tests.fixtures.images import Layer, write_image
+
+HOST = "registry.test:5000"
+DIGEST_A = "sha256:" + "a" * 64
+DIGEST_B = "sha256:" + "b" * 64
+OPTIONS = IndexOptions(span_size=64 << 10, min_layer_size=100 << 10, workers=1)
+
+
+def _tar(files: Mapping[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def big_layer(seed: int) -> Layer:
+    """A gzip layer above OPTIONS' min layer size (random data does not compress)."""
+    return Layer.from_tar(_tar({f"data/{seed}": random.Random(seed).randbytes(300_000)}))
+
+
+SMALL = Layer.from_tar(_tar({"etc/small": b"small\n"}))
+
+
+# -- fakes -----------------------------------------------------------------------------------
+
+
+class FakeRegistry:
+    """The registry calls the hook makes, served from one OCI layout per repository."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, OciLayout] = {}
+        self.requests: list[tuple[str, str, str]] = []
+        """(kind, repository, tag or digest) of every request, in order."""
+
+    def _layout(self, ref: Reference) -> OciLayout:
+        layout = self.repos.get(ref.repository)
+        if layout is None:
+            raise RegistryNotFoundError(f"repository {ref.locator} not found")
+        return layout
+
+    async def get_manifest(self, ref: Reference) -> tuple[oci.Descriptor, bytes]:
+        self.requests.append(("manifest", ref.repository, ref.object))
+        layout = self._layout(ref)
+        try:
+            desc = layout.resolve(ref.object)
+            return desc, layout.read_blob(desc.digest, max_size=4 << 20)
+        except ContentNotFoundError as e:
+            raise RegistryNotFoundError(f"manifest {ref}: {e}") from None
+
+    async def read_blob(self, ref: Reference, digest: str, *, max_size: int) -> bytes:
+        self.requests.append(("blob", ref.repository, digest))
+        try:
+            return self._layout(ref).read_blob(digest, max_size=max_size)
+        except ContentNotFoundError as e:
+            raise RegistryNotFoundError(f"blob {digest} of {ref.locator}: {e}") from None
+
+    async def fetch_blob(self, ref: Reference, digest: str) -> AsyncIterator[bytes]:
+        self.requests.append(("blob", ref.repository, digest))
+        try:
+            with self._layout(ref).open_blob(digest) as f:
+                while chunk := f.read(64 << 10):
+                    yield chunk
+        except ContentNotFoundError as e:
+            raise RegistryNotFoundError(f"blob {digest} of {ref.locator}: {e}") from None
+
+    async def referrers(
+        self, ref: Reference, subject_digest: str, artifact_type: str | None = None
+    ) -> list[oci.Descriptor]:
+        self.requests.append(("referrers", ref.repository, subject_digest))
+        return [
+            desc
+            for desc, idx in iter_soci_index_descriptors(self._layout(ref))
+            if idx.subject is not None
+            and idx.subject.digest == subject_digest
+            and artifact_type in (None, desc.artifact_type)
+        ]
+
+    def asked_for(self, digest: str) -> bool:
+        return any(obj == digest for _, _, obj in self.requests)
+
+
+class _NoCache:
+    def cached_layers(self) -> list[str]:
+        return []
+
+
+@dataclass
+class FakeLazy:
+    """Records what would be mounted lazily."""
+
+    mountpoint: Path
+    mounts: dict[str, tuple[str, Ztoc]] = field(default_factory=dict)
+    cache: _NoCache = field(default_factory=_NoCache)
+    failure: str = ""
+    """When set, mounting fails with this message."""
+
+    async def mount(self, lid: str, layer_digest: str, ztoc: Ztoc, source: object) -> Path:
+        if self.failure:
+            raise LayerMountError(self.failure)
+        self.mounts[lid] = (layer_digest, ztoc)
+        return self.mountpoint / lid
+
+    async def unmount(self, lid: str, *, drop_cache: bool = False) -> None:
+        self.mounts.pop(lid, None)
+
+    async def check_available(self, lid: str) -> None:
+        assert lid in self.mounts
+
+    def remove_cached(self, digest: str) -> bool:
+        return False
+
+
+@dataclass
+class Rig:
+    root: Path
+    registry: FakeRegistry
+    lazy: FakeLazy
+
+    def remote(self) -> SociRemote:
+        """A hook as the daemon makes it (state in `root`), on the running trio loop."""
+        return SociRemote(
+            cast(RegistryClient, self.registry),
+            cast(LazyLayers, self.lazy),
+            LocalLayers(self.root / "layers"),
+            TrioBridge(trio.lowlevel.current_trio_token()),
+            state_dir=self.root,
+        )
+
+    def prepare(self, labels: Mapping[str, str], key: str = "default/1/extract") -> Any:
+        """Prepare through the hook from a gRPC-like worker thread, as the service does."""
+
+        async def main() -> RemoteLayer | None:
+            remote = self.remote()
+            return await trio.to_thread.run_sync(remote.prepare_remote, key, None, labels, [])
+
+        return trio.run(main)
+
+    def repo(self, name: str) -> OciLayout:
+        layout = OciLayout.open(self.root.parent / "registry" / name, create=True)
+        self.registry.repos[name] = layout
+        return layout
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    root = tmp_path / "root"
+    root.mkdir()
+    return Rig(root, FakeRegistry(), FakeLazy(root / "fuse"))
+
+
+def push_image(rig: Rig, repo: str, layers: list[Layer], tag: str = "v1") -> oci.ImageManifest:
+    """Store an image in the fake registry; returns its manifest."""
+    layout = rig.repo(repo)
+    desc = write_image(layout.root, tag, layers)
+    parsed = oci.parse_manifest(layout.read_blob(desc.digest, max_size=1 << 20))
+    assert isinstance(parsed, oci.ImageManifest)
+    return parsed
+
+
+def labels_for(ref: str, layer: str, **extra: str) -> dict[str, str]:
+    """What ctr-remote sends (no manifest digest)."""
+    return {
+        LABEL_TARGET: "default/2/sha256:chain",
+        LABEL_STARGZ_REFERENCE: ref,
+        LABEL_STARGZ_DIGEST: layer,
+        **extra,
+    }
+
+
+# -- parse_labels ----------------------------------------------------------------------------
+
+
+def test_labels_without_a_target_or_an_image_are_not_a_request() -> None:
+    assert parse_labels({}) is None
+    assert parse_labels({LABEL_CRI_IMAGE_REF: f"{HOST}/a:v1"}) is None
+    target = {LABEL_TARGET: "default/2/sha256:chain"}
+    assert parse_labels(target) is None
+    assert parse_labels({**target, LABEL_CRI_IMAGE_REF: f"{HOST}/a:v1"}) is None
+    assert parse_labels({**target, LABEL_CRI_LAYER_DIGEST: DIGEST_A}) is None
+    empty = {**target, LABEL_CRI_IMAGE_REF: "", LABEL_CRI_LAYER_DIGEST: ""}
+    assert parse_labels(empty) is None
+
+
+def test_labels_of_cri_and_of_ctr_remote() -> None:
+    cri = parse_labels(
+        {
+            LABEL_TARGET: "t",
+            LABEL_CRI_IMAGE_REF: f"{HOST}/a:v1",
+            LABEL_CRI_LAYER_DIGEST: DIGEST_A,
+            LABEL_CRI_MANIFEST_DIGEST: DIGEST_B,
+            LABEL_SOCI_INDEX_DIGEST: DIGEST_B,
+            # CRI's labels win over ctr-remote's when both are there.
+            LABEL_STARGZ_REFERENCE: f"{HOST}/other:v2",
+            LABEL_STARGZ_DIGEST: DIGEST_B,
+        }
+    )
+    assert cri is not None
+    assert (str(cri.ref), cri.layer_digest) == (f"{HOST}/a:v1", DIGEST_A)
+    assert (cri.manifest_digest, cri.index_digest) == (DIGEST_B, DIGEST_B)
+    stargz = parse_labels(labels_for(f"{HOST}/a:v1", DIGEST_A))
+    assert stargz is not None
+    assert (stargz.layer_digest, stargz.manifest_digest, stargz.index_digest) == (
+        DIGEST_A,
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("labels", "error"),
+    [
+        (labels_for(f"{HOST}/a:v1", "sha256:abc"), FormatError),
+        (labels_for(f"{HOST}/a:v1", "md5:" + "a" * 32), FormatError),
+        (labels_for(f"{HOST}/a:v1", DIGEST_A, **{LABEL_CRI_MANIFEST_DIGEST: "x"}), FormatError),
+        (labels_for(f"{HOST}/a:v1", DIGEST_A, **{LABEL_SOCI_INDEX_DIGEST: "sha256:"}), FormatError),
+        (labels_for(f"{HOST}/Not A Ref", DIGEST_A), InvalidReferenceError),
+        (labels_for(f"{HOST}/a:" + "t" * 200, DIGEST_A), InvalidReferenceError),
+    ],
+)
+def test_malformed_labels_raise_typed_errors(labels: dict[str, str], error: type) -> None:
+    with pytest.raises(error):
+        parse_labels(labels)
+
+
+# -- the hook: what is not lazy, and why the log says so -------------------------------------
+
+
+def test_malformed_labels_are_not_lazy_and_ask_no_registry(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert rig.prepare(labels_for(f"{HOST}/a:v1", "sha256:zz")) is None
+    assert "unusable remote-snapshot labels" in caplog.text
+    assert rig.prepare({LABEL_TARGET: "default/2/sha256:chain"}) is None
+    assert "no image reference or layer digest" in caplog.text
+    assert rig.registry.requests == []
+    assert rig.lazy.mounts == {}
+
+
+def test_image_without_an_index_is_left_to_containerd(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    manifest = push_image(rig, "plain", [big_layer(1)])
+    assert rig.prepare(labels_for(f"{HOST}/plain:v1", manifest.layers[0].digest)) is None
+    assert "has no SOCI index" in caplog.text
+    assert not (rig.root / "layers").exists() or not any((rig.root / "layers").iterdir())
+
+
+def test_layer_of_another_repository_is_reported_as_not_in_the_image(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    push_image(rig, "a", [big_layer(1)])
+    layout = rig.repo("a")
+    LayoutIndexer(layout, OPTIONS).create("v1")  # a is indexed: the message must not blame that
+    other = push_image(rig, "b", [big_layer(2)]).layers[0].digest
+    assert rig.prepare(labels_for(f"{HOST}/a:v1", other)) is None
+    assert f"layer {other} is not in image {HOST}/a:v1" in caplog.text
+    assert "has no SOCI index" not in caplog.text
+    assert rig.lazy.mounts == {}
+    assert not rig.registry.asked_for(other)
+
+
+def test_manifest_digest_that_lacks_the_layer_is_reported(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CRI's labels: the named manifest does not list the named layer (twice: the second
+    Prepare finds the image cached)."""
+    caplog.set_level(logging.INFO)
+    first = push_image(rig, "a", [big_layer(1)])
+    manifest_digest = rig.repo("a").resolve("v1").digest
+    base = {
+        LABEL_TARGET: "default/2/sha256:chain",
+        LABEL_CRI_IMAGE_REF: f"{HOST}/a:v1",
+        LABEL_CRI_MANIFEST_DIGEST: manifest_digest,
+    }
+    assert rig.prepare({**base, LABEL_CRI_LAYER_DIGEST: DIGEST_A}) is None
+    assert f"layer {DIGEST_A} is not in image {HOST}/a:v1 (manifest {manifest_digest})" in (
+        caplog.text
+    )
+
+    async def twice() -> list[RemoteLayer | None]:
+        remote = rig.remote()
+        out = []
+        for layer in (first.layers[0].digest, DIGEST_B):
+            labels = {**base, LABEL_CRI_LAYER_DIGEST: layer}
+            out.append(await trio.to_thread.run_sync(remote.prepare_remote, "k", None, labels, []))
+        return out
+
+    assert trio.run(twice) == [None, None]  # a is not indexed; B is not in it
+    assert f"layer {DIGEST_B} is not in image" in caplog.text
+
+
+def test_layer_in_no_platform_of_an_image_index(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    push_image(rig, "multi", [big_layer(1)], tag="host")
+    layout = rig.repo("multi")
+    host = layout.resolve("host")
+    index = oci.ImageIndex(
+        manifests=[
+            oci.Descriptor(host.media_type, host.digest, host.size, platform=oci.host_platform())
+        ]
+    )
+    data = index.to_json_bytes()
+    layout.set_tag(
+        "v1", oci.Descriptor(oci.MEDIA_TYPE_OCI_INDEX, layout.write_blob(data), len(data))
+    )
+    assert rig.prepare(labels_for(f"{HOST}/multi:v1", DIGEST_A)) is None
+    assert f"layer {DIGEST_A} is not in image {HOST}/multi:v1: none of the 1 platform" in (
+        caplog.text
+    )
+
+
+# -- zTOCs that do not fit -------------------------------------------------------------------
+
+
+def _index_with(layout: OciLayout, subject: oci.Descriptor, ztocs: list[oci.Descriptor]) -> str:
+    idx = soci_index.SociIndex(version=1, ztocs=ztocs, subject=subject)
+    layout.write_blob(soci_index.EMPTY_CONFIG_BYTES)
+    return layout.write_blob(idx.to_json_bytes())
+
+
+def test_ztoc_of_another_layer_falls_back_to_a_local_unpack(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An index whose zTOC for layer 1 is the zTOC of layer 2 (a different size)."""
+    caplog.set_level(logging.INFO)
+    one, two = big_layer(1), big_layer(2)
+    manifest = push_image(rig, "a", [one, two])
+    layout = rig.repo("a")
+    (good,) = LayoutIndexer(layout, OPTIONS).create("v1")
+    l1, l2 = manifest.layers
+    ztoc2 = good.index.ztoc_for_layer(l2.digest)
+    assert ztoc2 is not None and l1.size != l2.size
+    swapped = soci_index.ztoc_descriptor(
+        ztoc2.digest,
+        ztoc2.size,
+        layer_digest=l1.digest,
+        layer_media_type=l1.media_type,
+        span_size=OPTIONS.span_size,
+    )
+    bad = _index_with(layout, good.manifest, [swapped])
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", l1.digest, **{LABEL_SOCI_INDEX_DIGEST: bad}))
+    assert isinstance(got, RemoteLayer) and not got.remote
+    assert "LAZY MOUNT FAILED" in caplog.text and "the layer has" in caplog.text
+    assert rig.lazy.mounts == {}
+    # The local unpack is the layer's own content, and no lazy record is left behind.
+    assert (Path(got.layer_dir) / "data" / "1").read_bytes() == random.Random(1).randbytes(300_000)
+    assert not (rig.root / "lazy" / f"{layer_id(l1.digest)}.json").exists()
+
+
+def test_ztoc_that_is_not_a_ztoc_falls_back_to_a_local_unpack(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    manifest = push_image(rig, "a", [big_layer(1)])
+    layout = rig.repo("a")
+    layer = manifest.layers[0]
+    garbage = b"\x10\x00\x00\x00not a flatbuffer at all"
+    desc = soci_index.ztoc_descriptor(
+        layout.write_blob(garbage),
+        len(garbage),
+        layer_digest=layer.digest,
+        layer_media_type=layer.media_type,
+        span_size=OPTIONS.span_size,
+    )
+    bad = _index_with(layout, layout.resolve("v1"), [desc])
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", layer.digest, **{LABEL_SOCI_INDEX_DIGEST: bad}))
+    assert isinstance(got, RemoteLayer) and not got.remote
+    assert "LAZY MOUNT FAILED" in caplog.text
+    assert rig.lazy.mounts == {}
+    # What failed to decode is not kept as the layer's zTOC.
+    assert not OciLayout.open(rig.root / "lazy" / "ztocs").has_blob(desc.digest)
+
+
+def test_index_naming_a_missing_ztoc_falls_back_to_a_local_unpack(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    manifest = push_image(rig, "a", [big_layer(1)])
+    layout = rig.repo("a")
+    layer = manifest.layers[0]
+    desc = soci_index.ztoc_descriptor(
+        DIGEST_A,
+        100,
+        layer_digest=layer.digest,
+        layer_media_type=layer.media_type,
+        span_size=OPTIONS.span_size,
+    )
+    bad = _index_with(layout, layout.resolve("v1"), [desc])
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", layer.digest, **{LABEL_SOCI_INDEX_DIGEST: bad}))
+    assert isinstance(got, RemoteLayer) and not got.remote
+    assert "LAZY MOUNT FAILED" in caplog.text
+
+
+def test_failed_mount_leaves_no_lazy_record(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    manifest = push_image(rig, "a", [big_layer(1)])
+    LayoutIndexer(rig.repo("a"), OPTIONS).create("v1")
+    layer = manifest.layers[0].digest
+    rig.lazy.failure = "the FUSE session is gone"
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", layer))
+    assert isinstance(got, RemoteLayer) and not got.remote
+    assert "LAZY MOUNT FAILED" in caplog.text and "the FUSE session is gone" in caplog.text
+    # A restart must not try to remount a layer that was unpacked locally instead.
+    assert not (rig.root / "lazy" / f"{layer_id(layer)}.json").exists()
+    rig.lazy.failure = ""
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", layer))
+    assert isinstance(got, RemoteLayer) and got.remote
+    assert "found by referrers" in caplog.text
+    assert (rig.root / "lazy" / f"{layer_id(layer)}.json").exists()
+
+
+# -- the local content store -----------------------------------------------------------------
+
+
+def _local_only_index(rig: Rig, layers: list[Layer]) -> tuple[oci.ImageManifest, str]:
+    """An image in the registry whose v1 index exists only in ROOT/content (as `pysoci create
+    --root ROOT` leaves it before `pysoci push`)."""
+    manifest = push_image(rig, "a", layers)
+    content = rig.root / "content"
+    shutil.copytree(rig.repo("a").root, content)
+    (result,) = LayoutIndexer(OciLayout.open(content), OPTIONS).create("v1")
+    return manifest, result.index_descriptor.digest
+
+
+def test_index_only_in_the_local_store_serves_the_layer_lazily(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    manifest, index_digest = _local_only_index(rig, [big_layer(1), SMALL])
+    big, small = manifest.layers
+    content = OciLayout.open(rig.root / "content")
+    found = soci_index.parse_soci_index(content.read_blob(index_digest, max_size=1 << 20))
+    ztoc_desc = found.ztoc_for_layer(big.digest)
+    assert ztoc_desc is not None and found.ztoc_for_layer(small.digest) is None
+
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", big.digest))
+    assert got == RemoteLayer(str(rig.lazy.mountpoint / layer_id(big.digest)), remote=True)
+    assert f"SOCI index {index_digest}, found by local" in caplog.text
+    digest, ztoc = rig.lazy.mounts[layer_id(big.digest)]
+    assert digest == big.digest and ztoc.compressed_archive_size == big.size
+    assert [f.name for f in ztoc.files if f.type == "reg"] == ["data/1"]
+    # The zTOC came from ROOT/content (the registry has none), and is kept with the record.
+    assert not rig.registry.asked_for(ztoc_desc.digest)
+    assert OciLayout.open(rig.root / "lazy" / "ztocs").has_blob(ztoc_desc.digest)
+    assert (rig.root / "lazy" / f"{layer_id(big.digest)}.json").exists()
+    # The small layer has no zTOC: unpacked here, not left to containerd.
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", small.digest))
+    assert isinstance(got, RemoteLayer) and not got.remote
+    assert (Path(got.layer_dir) / "etc" / "small").read_bytes() == b"small\n"
+
+
+def test_local_index_named_by_digest_is_read_locally(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nerdctl's `--soci-index-digest` of an index built here and never pushed."""
+    caplog.set_level(logging.INFO)
+    manifest, index_digest = _local_only_index(rig, [big_layer(1)])
+    layer = manifest.layers[0].digest
+    labels = labels_for(f"{HOST}/a:v1", layer, **{LABEL_SOCI_INDEX_DIGEST: index_digest})
+    got = rig.prepare(labels)
+    assert isinstance(got, RemoteLayer) and got.remote
+    assert f"SOCI index {index_digest}, found by explicit (local)" in caplog.text
+    assert not rig.registry.asked_for(index_digest)
+
+
+def test_local_store_made_while_the_daemon_runs_is_used(rig: Rig) -> None:
+    manifest = push_image(rig, "a", [big_layer(1)])
+    layer = manifest.layers[0].digest
+
+    async def main() -> list[RemoteLayer | None]:
+        remote = rig.remote()  # ROOT/content does not exist yet
+        labels = labels_for(f"{HOST}/a:v1", layer)
+        first = await trio.to_thread.run_sync(remote.prepare_remote, "k1", None, labels, [])
+        shutil.copytree(rig.repo("a").root, rig.root / "content")
+        LayoutIndexer(OciLayout.open(rig.root / "content"), OPTIONS).create("v1")
+        remote._images.clear()  # a new pull of the image looks it up again
+        second = await trio.to_thread.run_sync(remote.prepare_remote, "k2", None, labels, [])
+        return [first, second]
+
+    first, second = trio.run(main)
+    assert first is None
+    assert isinstance(second, RemoteLayer) and second.remote
+
+
+def test_restart_remounts_a_local_index_layer_without_the_registry(rig: Rig) -> None:
+    """The record and zTOC kept at Prepare are enough; if the kept zTOC is gone, ROOT/content
+    still has it (the registry never had it)."""
+    manifest, _ = _local_only_index(rig, [big_layer(1)])
+    layer = manifest.layers[0].digest
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", layer))
+    assert isinstance(got, RemoteLayer) and got.remote
+    ztocs = rig.root / "lazy" / "ztocs" / "blobs" / "sha256"
+    for blob in ztocs.iterdir():
+        blob.unlink()
+    rig.lazy.mounts.clear()
+    rig.registry.repos.clear()  # the registry is unreachable after the restart
+
+    async def restart() -> dict[str, int]:
+        return await rig.remote().restore([LayerRecord("chain", got.layer_dir, True, {})])
+
+    assert trio.run(restart)["mounted"] == 1
+    assert rig.lazy.mounts[layer_id(layer)][0] == layer
+
+
+def test_unreadable_local_store_is_skipped(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    manifest = push_image(rig, "a", [big_layer(1)])
+    content = OciLayout.open(rig.root / "content", create=True)
+    (content.root / "index.json").write_text("{not json")
+    assert rig.prepare(labels_for(f"{HOST}/a:v1", manifest.layers[0].digest)) is None
+    assert "has no SOCI index" in caplog.text
+    assert "local content store" in caplog.text and "not using it" in caplog.text
