@@ -476,13 +476,21 @@ async def test_manifest_faults(faulty: FaultyServer, fclient: RegistryClient) ->
     faulty.add_manifest("kind", good, MEDIA_TYPE_OCI_INDEX)
     with pytest.raises(ManifestError):
         await fclient.get_manifest(parse_reference(base + ":kind"))
-    # HEAD without a digest header falls back to GET
+    # HEAD without a digest header falls back to GET, which gives the digest of the body
     docker = good.replace(MEDIA_TYPE_OCI_MANIFEST.encode(), MEDIA_TYPE_DOCKER_MANIFEST.encode())
     faulty.add_manifest(
-        "nodigest", docker, MEDIA_TYPE_DOCKER_MANIFEST, {"Docker-Content-Digest": ""}
+        "nodigest", docker, MEDIA_TYPE_DOCKER_MANIFEST, {"Docker-Content-Digest": None}
     )
-    with pytest.raises(RegistryResponseError):
-        await fclient.resolve(parse_reference(base + ":nodigest"))
+    faulty.reset_log()
+    resolved = await fclient.resolve(parse_reference(base + ":nodigest"))
+    assert resolved == Descriptor(MEDIA_TYPE_DOCKER_MANIFEST, digest_of(docker), len(docker))
+    assert [r.method for r in faulty.requests] == ["HEAD", "GET"]
+    # An empty digest header is not "no header": a registry that lies is refused
+    faulty.add_manifest(
+        "emptydigest", docker, MEDIA_TYPE_DOCKER_MANIFEST, {"Docker-Content-Digest": ""}
+    )
+    with pytest.raises(RegistryResponseError, match="Docker-Content-Digest"):
+        await fclient.resolve(parse_reference(base + ":emptydigest"))
     with pytest.raises(RegistryNotFoundError, match="unknown"):
         await fclient.get_manifest(parse_reference(base + ":missing"))
 
