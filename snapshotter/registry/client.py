@@ -1234,8 +1234,11 @@ class RegistryClient:
     ) -> list[Descriptor]:
         """Descriptors of manifests whose subject is `subject_digest`.
 
-        Uses the referrers API; registries without it (404 or a non-index answer) are read
-        through the `<alg>-<hex>` fallback tag. Filtered by `artifact_type` when given.
+        Uses the referrers API, following `Link: <...>; rel="next"` pages on the same origin.
+        Registries without it (404, or a first answer that is not an OCI index) are read
+        through the `<alg>-<hex>` fallback tag. A later page that is not an index, a body that
+        is not a valid index, or a next link to another origin is a typed error. Filtered by
+        `artifact_type` when given (whether or not the registry filtered).
         """
         validate_digest(subject_digest)
         what = f"referrers of {subject_digest} in {ref.locator}"
@@ -1246,35 +1249,59 @@ class RegistryClient:
             if artifact_type:
                 url = url.copy_merge_params({"artifactType": artifact_type})
             found: list[Descriptor] = []
-            for _ in range(MAX_REFERRERS_PAGES):
+            for page_number in range(MAX_REFERRERS_PAGES):
 
                 async def once(
-                    page_url: httpx.URL = url,
+                    page_url: httpx.URL = url, first: bool = page_number == 0
                 ) -> tuple[list[Descriptor], httpx.URL | None] | None:
                     headers = {**endpoint.headers, "Accept": MEDIA_TYPE_OCI_INDEX}
                     response = await self._send(client, "GET", page_url, headers=headers)
                     try:
-                        if response.status_code == 404:
+                        if response.status_code == 404 and first:
                             return None
                         if response.status_code != 200:
                             await self._fail(response, what)
-                        if _content_type(response) != MEDIA_TYPE_OCI_INDEX:
-                            return None
+                        content_type = _content_type(response)
+                        if content_type != MEDIA_TYPE_OCI_INDEX:
+                            if first:
+                                return None  # not the referrers API: use the fallback tag
+                            raise RegistryResponseError(
+                                f"{what}: a next page answered {content_type[:80]!r},"
+                                " not an OCI image index"
+                            )
                         body = await _read_body(response, MAX_MANIFEST_SIZE, what)
-                        index = parse_image_index(body, media_type_hint=MEDIA_TYPE_OCI_INDEX)
+                        try:
+                            index = parse_image_index(body, media_type_hint=MEDIA_TYPE_OCI_INDEX)
+                        except ManifestError as exc:
+                            raise RegistryResponseError(
+                                f"{what}: not a valid OCI image index: {exc}"
+                            ) from None
                         link = _LINK_NEXT_RE.search(response.headers.get("link", ""))
-                        next_url = response.url.join(link.group(1)) if link else None
+                        next_url = None
+                        if link is not None:
+                            try:
+                                next_url = response.url.join(link.group(1))
+                            except httpx.InvalidURL:
+                                raise RegistryResponseError(
+                                    f"{what}: invalid next page link"
+                                ) from None
+                            if not _same_origin(next_url, response.url):
+                                raise RegistryResponseError(
+                                    f"{what}: next page link to another origin"
+                                    f" {_safe_url(next_url)}"
+                                )
                         return list(index.manifests), next_url
                     finally:
                         await response.aclose()
 
                 page = await self._retrying(what, endpoint, once)
                 if page is None:
-                    return found or None
+                    return None
                 found.extend(page[0])
                 if page[1] is None:
                     return found
                 url = page[1]
+            log.warning("%s: more than %d pages, using the first ones", what, MAX_REFERRERS_PAGES)
             return found
 
         result = await self._with_endpoints(ref, "pull", what, api)

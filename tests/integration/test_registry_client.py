@@ -495,6 +495,98 @@ async def test_manifest_faults(faulty: FaultyServer, fclient: RegistryClient) ->
         await fclient.get_manifest(parse_reference(base + ":missing"))
 
 
+# --- the referrers API (distribution 2.8 has none: the fault server answers it) -------------
+
+SOCI_V1 = "application/vnd.amazon.soci.index.v1+json"
+
+
+def referrer(n: int, artifact_type: str = SOCI_V1) -> Descriptor:
+    return Descriptor(
+        MEDIA_TYPE_OCI_MANIFEST, digest_of(b"ref %d" % n), 100 + n, artifact_type=artifact_type
+    )
+
+
+def referrers_page(*entries: Descriptor) -> tuple[str, bytes]:
+    return MEDIA_TYPE_OCI_INDEX, ImageIndex(manifests=list(entries)).to_json_bytes()
+
+
+async def test_referrers_api_pages(faulty: FaultyServer, fclient: RegistryClient) -> None:
+    ref = parse_reference(f"{faulty.host}/faulty/repo:x")
+    subject = digest_of(b"subject")
+    other = referrer(3, "application/x-other")
+    faulty.add_referrers(
+        subject,
+        [referrers_page(referrer(1), other), referrers_page(), referrers_page(referrer(2))],
+    )
+    assert await fclient.referrers(ref, subject) == [referrer(1), other, referrer(2)]
+    gets = [r.path for r in faulty.requests]
+    assert len(gets) == 3 and all(f"/v2/faulty/repo/referrers/{subject}" in g for g in gets)
+    assert all(r.headers["accept"] == MEDIA_TYPE_OCI_INDEX for r in faulty.requests)
+    assert faulty.count(path="/manifests/") == 0, "no fallback tag when the API answers"
+    faulty.reset_log()
+    assert await fclient.referrers(ref, subject, SOCI_V1) == [referrer(1), referrer(2)]
+    assert all("artifactType=" in r.path for r in faulty.requests), "filter asked of the server"
+
+
+async def test_referrers_api_empty_or_missing(
+    faulty: FaultyServer, fclient: RegistryClient
+) -> None:
+    ref = parse_reference(f"{faulty.host}/faulty/repo:x")
+    subject = digest_of(b"lonely subject")
+    faulty.add_referrers(subject, [referrers_page()])
+    assert await fclient.referrers(ref, subject) == []
+    assert faulty.count(path="/manifests/") == 0
+    # 404 (no referrers API) and a first answer that is no index: the fallback tag
+    for pages in (None, [("text/html", b"<html>hello</html>")]):
+        faulty.reset_log()
+        unknown = digest_of(b"unknown %r" % pages)
+        if pages is not None:
+            faulty.add_referrers(unknown, pages)
+        tag = unknown.replace(":", "-")
+        media_type, body = referrers_page(referrer(4))
+        faulty.add_manifest(tag, body, media_type)
+        assert await fclient.referrers(ref, unknown) == [referrer(4)]
+        assert faulty.count("GET", path=f"/manifests/{tag}") == 1
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [
+        "later page not an index",
+        "manifest as index",
+        "not json",
+        "link elsewhere",
+        "later page missing",
+    ],
+)
+async def test_referrers_api_bad_answers(
+    faulty: FaultyServer, fclient: RegistryClient, pages: str
+) -> None:
+    ref = parse_reference(f"{faulty.host}/faulty/repo:x")
+    subject = digest_of(b"subject")
+    first = referrers_page(referrer(1))
+    answers = {
+        "later page not an index": [first, ("application/json", b"{}")],
+        "manifest as index": [(MEDIA_TYPE_OCI_INDEX, manifest_bytes())],
+        "not json": [(MEDIA_TYPE_OCI_INDEX, b"{not json")],
+        "link elsewhere": [first, first],
+        "later page missing": [first, first],
+    }[pages]
+    faulty.add_referrers(subject, answers)
+    if pages == "link elsewhere":
+        faulty.next_link = f"http://{faulty.storage_host}/v2/faulty/repo/referrers/{subject}"
+    if pages == "later page missing":
+        faulty.next_link = f"/v2/faulty/repo/referrers/{subject}?page=7"
+    with pytest.raises((RegistryResponseError, RegistryNotFoundError)) as info:
+        await fclient.referrers(ref, subject)
+    if pages == "later page missing":
+        assert isinstance(info.value, RegistryNotFoundError)
+    else:
+        assert isinstance(info.value, RegistryResponseError)
+    assert faulty.count(server="storage") == 0
+    assert faulty.count(path="/manifests/") == 0, "a broken API answer is not a missing API"
+
+
 # --- pure helpers ----------------------------------------------------------------------------
 
 
