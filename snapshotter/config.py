@@ -116,6 +116,9 @@ class BackgroundFetchConfig:
 class BlobConfig:
     """`[blob]` (soci's keys)."""
 
+    valid_interval: int = 60
+    """Seconds a blob's redirected (object storage) URL is reused before the registry is asked
+    again; 0: ask the registry every time."""
     fetching_timeout_sec: int = 300
     max_span_verification_retries: int = 1
     force_single_range_mode: bool = False

@@ -72,7 +72,6 @@ T = TypeVar("T")
 MAX_MANIFEST_SIZE = DEFAULT_MAX_MANIFEST_SIZE
 MAX_ERROR_BODY = 64 * 1024
 MAX_REDIRECTS = 5
-REDIRECT_CACHE_SECONDS = 60.0
 MAX_RANGES_PER_REQUEST = 64
 MAX_REFERRERS_PAGES = 16
 MAX_INDEX_DEPTH = 2
@@ -645,8 +644,9 @@ class RegistryClient:
     ) -> httpx.Response:
         """Send a blob request, following redirects by hand (the caller closes the answer).
 
-        Redirect targets get no credentials; the final URL of a GET is cached for a while
-        and re-resolved through the registry when it stops working.
+        Redirect targets get no credentials; the final URL of a GET is reused for
+        `[blob] valid_interval` seconds, and re-resolved through the registry sooner when it
+        stops working.
         """
         what = f"blob {digest} of {ref.locator}"
         key = (endpoint.url, ref.repository, digest)
@@ -694,10 +694,11 @@ class RegistryClient:
                     target,
                     headers={**endpoint.headers, **headers},
                 )
-        if elsewhere and method == "GET" and response.status_code in (200, 206):
+        valid = self._config.blob.valid_interval
+        if elsewhere and method == "GET" and response.status_code in (200, 206) and valid > 0:
             if len(self._redirects) > 1024:
                 self._redirects = {k: v for k, v in self._redirects.items() if v[1] > now}
-            self._redirects[key] = (response.url, now + REDIRECT_CACHE_SECONDS)
+            self._redirects[key] = (response.url, now + valid)
         return response
 
     async def _head_blob(self, endpoint: Endpoint, ref: Reference, digest: str) -> int | None:

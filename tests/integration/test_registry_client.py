@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from snapshotter.config import (
+    BlobConfig,
     Config,
     HostResolverConfig,
     HttpConfig,
@@ -418,6 +421,25 @@ async def test_redirects_cached_and_reresolved(faulty: FaultyServer, tmp_path: P
     assert storage and all("authorization" not in r.headers for r in storage)
     assert all(r.headers.get("range") for r in storage[:3])
     assert all("authorization" in r.headers for r in faulty.requests if r.server == "registry")
+
+
+@pytest.mark.parametrize("valid_interval", [0, 1])
+async def test_redirect_cache_lasts_valid_interval(
+    faulty: FaultyServer, tmp_path: Path, valid_interval: int
+) -> None:
+    digest = faulty.add_blob(BLOB, Script(redirect=True))
+    ref = parse_reference(f"{faulty.host}/faulty/repo:x")
+    config = dataclasses.replace(
+        make_config(tmp_path), blob=BlobConfig(valid_interval=valid_interval)
+    )
+    async with RegistryClient(config, plain_http=True) as c:
+        for i in range(2):
+            assert await c.fetch_ranges(ref, digest, [(i, i + 10)]) == [BLOB[i : i + 10]]
+        assert faulty.count("GET", "registry") == (2 if valid_interval == 0 else 1)
+        await trio.sleep(1.1)
+        assert await c.fetch_ranges(ref, digest, [(5, 15)]) == [BLOB[5:15]]
+        assert faulty.count("GET", "registry") == (3 if valid_interval == 0 else 2)
+    assert faulty.count("GET", "storage") == 3, "the storage URL itself never expired"
 
 
 async def test_redirect_loop(faulty: FaultyServer, fclient: RegistryClient) -> None:

@@ -106,3 +106,12 @@ def test_fuse_opaque_xattr_reaches_the_fuse_tree(tmp_path: Path) -> None:
     assert lazy.session.table.opaque_xattr == "user.overlay.opaque"
     with pytest.raises(ConfigError, match="opaque_xattr"):
         parse_config('[fuse]\nopaque_xattr = "trusted.overlay.opaqe"\n')
+
+
+def test_blob_valid_interval() -> None:
+    assert Config().blob.valid_interval == 60  # soci's default
+    config, unknown = parse_config("[blob]\nvalid_interval = 5\n")
+    assert config.blob.valid_interval == 5 and unknown == []
+    for bad in ("-1", "'60'", "1.5"):
+        with pytest.raises(ConfigError, match=r"blob\.valid_interval"):
+            parse_config(f"[blob]\nvalid_interval = {bad}\n")
