@@ -6,13 +6,18 @@ is back. Also: random reads while the background fetcher fills the layers.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import random
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,13 +42,23 @@ def _layer(prefix: str, seed: int) -> tuple[bytes, dict[str, bytes]]:
     return buf.getvalue(), files
 
 
+@dataclass(frozen=True)
+class Image:
+    registry: Registry
+    files: dict[str, bytes]
+    """Every file of the image: `a/*` in layer a, `b/*` in layer b."""
+    digests: dict[str, str]
+    """The blob digest of layer "a" and of layer "b"."""
+
+
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, dict[str, bytes]]]:
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     tmp = tmp_path_factory.mktemp("faults")
     reg = start_registry(tmp / "registry")
     tar_a, files_a = _layer("a", 1)
     tar_b, files_b = _layer("b", 2)
-    write_image(tmp / "src", "v1", [Layer.from_tar(tar_a), Layer.from_tar(tar_b)])
+    layers = {"a": Layer.from_tar(tar_a), "b": Layer.from_tar(tar_b)}
+    write_image(tmp / "src", "v1", list(layers.values()))
     ref = f"{reg.host}/faults:v1"
     subprocess.run(
         ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{tmp}/src:v1", f"docker://{ref}"],
@@ -70,17 +85,15 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, 
         capture_output=True,
         timeout=300,
     )
-    yield reg, {**files_a, **files_b}
+    digests = {k: "sha256:" + hashlib.sha256(v.blob).hexdigest() for k, v in layers.items()}
+    yield Image(reg, {**files_a, **files_b}, digests)
     reg.stop()
 
 
 @pytest.fixture
-def mount(
-    tmp_path: Path, image: tuple[Registry, dict[str, bytes]]
-) -> Iterator[tuple[FaultProxy, Path, Path]]:
+def mount(tmp_path: Path, image: Image) -> Iterator[tuple[FaultProxy, Path, Path]]:
     """The image mounted through a fresh proxy; background fetching per the test's config."""
-    reg, _ = image
-    proxy = FaultProxy.start(reg.url)
+    proxy = FaultProxy.start(image.registry.url)
     target = tmp_path / "rootfs"
     root = tmp_path / "root"
     try:
@@ -90,9 +103,14 @@ def mount(
         proxy.stop()
 
 
-def do_mount(proxy: FaultProxy, target: Path, root: Path, config: str) -> None:
+def do_mount(
+    proxy: FaultProxy, target: Path, root: Path, config: str, *, read_timeout_msec: int = 3000
+) -> None:
     cfg = root.parent / "config.toml"
-    cfg.write_text(config + "\n[http]\nMaxRetries = 2\nMinWaitMsec = 1\nMaxWaitMsec = 20\n")
+    retries = "MaxRetries = 2\nMinWaitMsec = 1\nMaxWaitMsec = 20"
+    cfg.write_text(
+        f"{config}\n[http]\n{retries}\nResponseHeaderTimeoutMsec = {read_timeout_msec}\n"
+    )
     res = subprocess.run(
         [
             PYSOCI,
@@ -121,10 +139,10 @@ def read_or_eio(path: Path) -> bytes | None:
 
 
 def test_corruption_never_reaches_a_reader(
-    mount: tuple[FaultProxy, Path, Path], image: tuple[Registry, dict[str, bytes]]
+    mount: tuple[FaultProxy, Path, Path], image: Image
 ) -> None:
     proxy, target, root = mount
-    _, files = image
+    files = image.files
     do_mount(proxy, target, root, "[background_fetch]\ndisable = true")
     # Every ranged blob GET corrupted: reads fail, none returns wrong bytes.
     handle = proxy.add_fault(Fault(kind="corrupt", match=blob_get(ranged=True)))
@@ -138,10 +156,10 @@ def test_corruption_never_reaches_a_reader(
 
 
 def test_registry_down_slow_and_truncating(
-    mount: tuple[FaultProxy, Path, Path], image: tuple[Registry, dict[str, bytes]]
+    mount: tuple[FaultProxy, Path, Path], image: Image
 ) -> None:
     proxy, target, root = mount
-    _, files = image
+    files = image.files
     do_mount(proxy, target, root, "[background_fetch]\ndisable = true")
     assert (target / "a/f0").read_bytes() == files["a/f0"]  # cached from here on
     proxy.down(True)
@@ -159,20 +177,53 @@ def test_registry_down_slow_and_truncating(
     assert (target / "b/f12").read_bytes() == files["b/f12"]
 
 
+def statuses(root: Path) -> dict[str, dict[str, object]]:
+    """The status JSON of every lazy layer of the mount, by layer digest."""
+    out = {}
+    for path in root.glob("mounts/*/fuse/.status/*.json"):
+        status = json.loads(path.read_text())
+        out[str(status["digest"])] = status
+    return out
+
+
 def test_random_reads_while_the_background_fetcher_runs(
-    mount: tuple[FaultProxy, Path, Path], image: tuple[Registry, dict[str, bytes]]
+    mount: tuple[FaultProxy, Path, Path], image: Image
 ) -> None:
     proxy, target, root = mount
-    _, files = image
+    files = image.files
+    # Capped from the start (about 2.5 s for both layers), so the fill overlaps the reads.
+    proxy.set_bandwidth(4_000_000)
     do_mount(proxy, target, root, "[background_fetch]\nsilence_period_msec = 0")
-    proxy.set_bandwidth(4_000_000)  # slow enough that the fill overlaps the reads
-    rng = random.Random(3)
-    names = list(files)
-    for _ in range(60):
-        name = rng.choice(names)
-        off = rng.randrange(len(files[name]))
-        n = rng.randrange(1, 200_000)
-        with open(target / name, "rb") as f:
-            f.seek(off)
-            assert f.read(n) == files[name][off : off + n]
+    names = sorted(files)
+    before = statuses(root)
+    assert set(before) == set(image.digests.values())
+    assert any(s["state"] != "complete" for s in before.values()), before
+
+    def reader(seed: int) -> int:
+        rng = random.Random(seed)
+        for _ in range(20):
+            name = rng.choice(names)
+            off = rng.randrange(len(files[name]))
+            n = rng.randrange(1, 200_000)
+            with open(target / name, "rb") as f:
+                f.seek(off)
+                assert f.read(n) == files[name][off : off + n], (name, off, n)
+        return seed
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(reader, range(4))) == [0, 1, 2, 3]  # re-raises a reader's failure
     proxy.set_bandwidth(None)
+    # The background fetcher completes both layers and verifies each whole-layer digest.
+    deadline = time.monotonic() + 120
+    while not all(s["state"] == "complete" for s in statuses(root).values()):
+        assert time.monotonic() < deadline, f"background fill did not complete: {statuses(root)}"
+        time.sleep(0.2)
+    for digest, status in statuses(root).items():
+        assert status["fetchedSize"] == status["size"] > 0, status
+        assert status["spansFetched"] == status["spansTotal"], status
+        assert status["error"] == "", (digest, status)
+    # Everything is now served without the registry.
+    proxy.down(True)
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    for name in names:
+        assert (target / name).read_bytes() == files[name], name
