@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.fault_proxy import Fault, FaultProxy, blob_get
+from tests.fixtures.fault_proxy import Fault, FaultKind, FaultProxy, blob_get
 from tests.fixtures.images import Layer, write_image
 from tests.fixtures.registry import Registry, start_registry
 
@@ -227,3 +227,49 @@ def test_random_reads_while_the_background_fetcher_runs(
     Path("/proc/sys/vm/drop_caches").write_text("3")
     for name in names:
         assert (target / name).read_bytes() == files[name], name
+
+
+@pytest.mark.parametrize("kind", ["status", "reset", "corrupt", "truncate"])
+def test_a_failing_layer_leaves_the_other_served(
+    mount: tuple[FaultProxy, Path, Path], image: Image, kind: FaultKind
+) -> None:
+    """Every blob GET of layer a fails: its reads are EIO, layer b is served as if nothing
+    happened, and layer a works again once its blob does."""
+    proxy, target, root = mount
+    files = image.files
+    do_mount(proxy, target, root, "[background_fetch]\ndisable = true")
+    handle = proxy.add_fault(Fault(kind=kind, match=blob_get(image.digests["a"]), after=1000))
+    assert read_or_eio(target / "a/f3") is None
+    for name in sorted(files):
+        if name.startswith("b/"):
+            assert (target / name).read_bytes() == files[name], name
+    assert handle.hits > 0
+    assert all(r.faults == () for r in proxy.stats.log if image.digests["b"] in r.path)
+    status = statuses(root)
+    assert status[image.digests["a"]]["error"] != "" and status[image.digests["b"]]["error"] == ""
+    handle.remove()
+    for name in ["a/f3", "a/f7"]:
+        assert (target / name).read_bytes() == files[name], name
+
+
+def test_a_stalled_layer_does_not_hold_up_the_other(
+    mount: tuple[FaultProxy, Path, Path], image: Image
+) -> None:
+    """While a read of layer a waits for its registry, every file of layer b is read."""
+    proxy, target, root = mount
+    files = image.files
+    do_mount(proxy, target, root, "[background_fetch]\ndisable = true", read_timeout_msec=30_000)
+    stall = Fault(kind="stall", match=blob_get(image.digests["a"]), after=1000, seconds=10)
+    handle = proxy.add_fault(stall)
+    with ThreadPoolExecutor(1) as pool:
+        stalled = pool.submit((target / "a/f3").read_bytes)
+        deadline = time.monotonic() + 5
+        while handle.hits == 0:  # the read of a is waiting on its stalled response
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for name in sorted(files):
+            if name.startswith("b/"):
+                assert (target / name).read_bytes() == files[name], name
+        assert not stalled.done(), "layer b was read only after the stall of layer a"
+        handle.remove()
+        assert stalled.result(timeout=60) == files["a/f3"]
