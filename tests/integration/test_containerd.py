@@ -3,14 +3,24 @@
 One image does most of the work: a Debian rootfs (gzip, lazy) with three more layers on top —
 a small gzip layer below the min layer size (no zTOC: pysoci unpacks it), a zstd layer (no
 zTOC), an uncompressed tar layer (lazy through its TarZinfo) — and a whiteout of a base file.
+The small and tar layers also hold a hardlink, an xattr, a fifo and a device node.
+
+containerd skips Prepare for a layer whose chain it already has, so a test that must see a
+layer served lazily (or not) gives its image a layer no other test image has (`_fresh_layer`),
+and checks that layer: absent from containerd's content store (never downloaded) and named in
+pysoci's log.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
 import hashlib
 import io
 import json
+import os
 import random
+import stat
 import subprocess
 import sys
 import tarfile
@@ -26,30 +36,77 @@ from tests.fixtures.registry import Registry, start_registry
 
 PYSOCI = str(Path(sys.executable).with_name("pysoci"))
 WORKLOAD = ["/usr/bin/python3", "-c", "import json, sqlite3, email; print('ready')"]
-# Prints a digest of the whole visible tree (names, modes, owners, sizes, contents, links).
+# Prints one line per entry of the whole visible tree: its path, mode, owner, mtime (ns), rdev,
+# xattrs, link count, for non-directories the size and which earlier path shares the inode
+# (hardlinks, by (st_dev, st_ino) within this tree: the numbers themselves differ between
+# filesystems), and a digest of the file's contents or the symlink's target. (overlayfs reports
+# nlink 1 for a merged directory such as /opt: the layers are the same in both trees, so that
+# is the same too.)
+# Left out, because they legitimately differ: ctime and atime (set when a layer is unpacked or
+# read, not by the image), st_dev/st_ino values, and the size of directories (ext4 counts its
+# directory blocks, 4096 and up; FUSE reports 0).
 TREE = (
     "import hashlib, os, stat\n"
-    "h = hashlib.sha256()\n"
+    "inodes = {}\n"
     "for d, dirs, files in os.walk('/', topdown=True):\n"
     "    skip = ('proc', 'sys', 'dev', 'run', 'tmp') if d == '/' else ()\n"
     "    dirs[:] = sorted(x for x in dirs if x not in skip)\n"
     "    for n in sorted(dirs + files):\n"
-    "        p = os.path.join(d, n); st = os.lstat(p)\n"
-    "        h.update(repr((p, st.st_mode, st.st_uid, st.st_gid)).encode())\n"
-    "        if stat.S_ISREG(st.st_mode): h.update(open(p, 'rb').read())\n"
-    "        elif stat.S_ISLNK(st.st_mode): h.update(os.readlink(p).encode())\n"
-    "print(h.hexdigest())\n"
+    "        p = os.path.join(d, n); st = os.lstat(p); isdir = stat.S_ISDIR(st.st_mode)\n"
+    "        try:\n"
+    "            xa = sorted((k, os.getxattr(p, k, follow_symlinks=False))\n"
+    "                        for k in os.listxattr(p, follow_symlinks=False))\n"
+    "        except OSError as e:\n"
+    "            xa = e.errno\n"
+    "        key = (st.st_dev, st.st_ino)\n"
+    "        same = None if isdir else (st.st_size, inodes.setdefault(key, p))\n"
+    "        data = b''\n"
+    "        if stat.S_ISREG(st.st_mode): data = open(p, 'rb').read()\n"
+    "        elif stat.S_ISLNK(st.st_mode): data = os.readlink(p).encode()\n"
+    "        print(repr((p, oct(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_rdev,\n"
+    "                    xa, st.st_nlink, same, hashlib.sha256(data).hexdigest()[:16])))\n"
 )
+MTIME = 1_700_000_000.123456
+"""Of every entry of the test layers: a fraction, so the trees compare nanoseconds."""
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
+def _tar(
+    files: dict[str, bytes],
+    *,
+    special: tuple[tarfile.TarInfo, ...] = (),
+    xattrs: dict[str, dict[str, str]] | None = None,
+) -> bytes:
+    """A PAX tar: every parent directory as its own entry, then `files` (0644, with the
+    `xattrs` given per name), then `special` entries (links, fifos, devices); all at MTIME.
+    Explicit directories keep the trees comparable: an implied one gets whatever time and mode
+    the unpacker picks."""
+    names = [*files, *(info.name for info in special)]
+    dirs = sorted({str(parent) for n in names for parent in Path(n).parents} - {"."})
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name in dirs:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
+            t.addfile(info)
         for name, data in files.items():
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+            info.size, info.mode, info.mtime = len(data), 0o644, MTIME
+            info.pax_headers = {
+                f"SCHILY.xattr.{k}": v for k, v in (xattrs or {}).get(name, {}).items()
+            }
             t.addfile(info, io.BytesIO(data))
+        for info in special:
+            info.mtime = MTIME
+            t.addfile(info)
     return buf.getvalue()
+
+
+def _entry(name: str, kind: bytes, *, link: str = "", mode: int = 0o644) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, mode
+    if kind == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3
+    return info
 
 
 _BASE: list[Layer] = []
@@ -62,6 +119,58 @@ def _base_layer() -> Layer:
         digest = "sha256:" + hashlib.sha256(tar).hexdigest()
         _BASE.append(Layer(pigz_blob(tar, blocksize_kib=1024), GZIP_LAYER, digest))
     return _BASE[0]
+
+
+def _fresh_layer(name: str, size: int = 12 << 20) -> Layer:
+    """A gzip layer no other test image has: `/opt/<name>`, `size` random bytes (the default
+    is above the min layer size, so it gets a zTOC)."""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return Layer.from_tar(_tar({f"opt/{name}": random.Random(seed).randbytes(size)}))
+
+
+def _push(reg: Registry, tmp: Path, name: str, layers: list[Layer]) -> str:
+    """Push a single-platform image to the test registry as `<name>:v1`; its reference."""
+    write_image(tmp / "layouts" / name, "v1", layers)
+    ref = f"{reg.host}/{name}:v1"
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--dest-tls-verify=false",
+            f"oci:{tmp}/layouts/{name}:v1",
+            f"docker://{ref}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return ref
+
+
+def _size_of(cd: Containerd, ref: str, name: str, snapshotter: str = "soci") -> str:
+    """Run `len(open('/opt/<name>').read())` in the image; its output."""
+    script = f"print(len(open('/opt/{name}','rb').read()))"
+    return cd.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        ref,
+        f"size-{name}",
+        "/usr/bin/python3",
+        "-c",
+        script,
+    ).stdout.strip()
+
+
+def _content(cd: Containerd) -> list[str]:
+    """The digests in containerd's content store (what it downloaded)."""
+    return cd.ctr("content", "ls", "-q").stdout.split()
+
+
+def _assert_served_lazily(cd: Containerd, pysoci: Pysoci, digest: str) -> None:
+    assert digest not in _content(cd), f"containerd downloaded {digest}"
+    assert f"layer {digest} served lazily" in pysoci.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +202,26 @@ def rig(
 def images(rig: tuple[Registry, Pysoci, Containerd, Path]) -> dict[str, str]:
     """References of the test images, converted and not."""
     reg, _, _, tmp = rig
-    base_tar = rootfs_tar().read_bytes()
-    base = Layer(
-        pigz_blob(base_tar, blocksize_kib=1024),
-        GZIP_LAYER,
-        "sha256:" + hashlib.sha256(base_tar).hexdigest(),
-    )
     rng = random.Random(9)
+    small = _tar(
+        {"etc/small-layer": b"small\n", "etc/.wh.issue": b""},
+        special=(_entry("etc/small-link", tarfile.LNKTYPE, link="etc/small-layer"),),
+        xattrs={"etc/small-layer": {"user.pysoci": "local"}},
+    )
+    uncompressed = _tar(
+        {"opt/tar/data": rng.randbytes(12 << 20)},
+        special=(
+            _entry("opt/tar/data-link", tarfile.LNKTYPE, link="opt/tar/data"),
+            _entry("opt/tar/fifo", tarfile.FIFOTYPE, mode=0o600),
+            _entry("opt/tar/null", tarfile.CHRTYPE, mode=0o666),
+        ),
+        xattrs={"opt/tar/data": {"user.pysoci": "lazy"}},
+    )
     layers = [
-        base,
-        Layer.from_tar(_tar({"etc/small-layer": b"small\n", "etc/.wh.issue": b""})),
+        _base_layer(),
+        Layer.from_tar(small),
         Layer.from_tar(_tar({"opt/zstd/data": rng.randbytes(200_000)}), ZSTD_LAYER),
-        Layer.from_tar(_tar({"opt/tar/data": rng.randbytes(12 << 20)}), TAR_LAYER),
+        Layer.from_tar(uncompressed, TAR_LAYER),
     ]
     write_image(tmp / "src", "v1", layers)
     refs = {"plain": f"{reg.host}/mixed:v1", "soci": f"{reg.host}/mixed:soci"}
@@ -188,7 +305,7 @@ def test_ctr_remote_rpull_and_run_lazily(
 def test_files_from_every_layer_kind_and_whiteouts(
     rig: tuple[Registry, Pysoci, Containerd, Path], images: dict[str, str]
 ) -> None:
-    _, _, cd, _ = rig
+    _, pysoci, cd, _ = rig
     ref = images["soci"]
     cd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "soci", ref)
     script = (
@@ -196,11 +313,22 @@ def test_files_from_every_layer_kind_and_whiteouts(
         "print(open('/etc/small-layer').read().strip())\n"
         "print(os.path.exists('/etc/issue'))\n"
         "print(len(open('/opt/zstd/data','rb').read()), len(open('/opt/tar/data','rb').read()))\n"
+        "print(os.stat('/etc/small-link').st_nlink, os.getxattr('/opt/tar/data', 'user.pysoci'))\n"
     )
     out = cd.ctr(
         "run", "--rm", "--snapshotter", "soci", ref, "kinds", "/usr/bin/python3", "-c", script
     ).stdout
-    assert out.split("\n")[:3] == ["small", "False", f"200000 {12 << 20}"]
+    assert out.split("\n")[:4] == ["small", "False", f"200000 {12 << 20}", "2 b'lazy'"]
+    # The small and the zstd layer have no zTOC: pysoci fetched and unpacked them itself (so
+    # containerd downloaded neither), and the uncompressed one was served lazily.
+    _, small, zstd, uncompressed = layer_digests(cd, ref)
+    content = _content(cd)
+    log = pysoci.log.read_text()
+    for digest in (small, zstd):
+        assert digest not in content
+        assert f"layer {digest} has no zTOC; unpacked locally" in log
+        assert (pysoci.root / "layers" / digest.replace(":", "-")).is_dir()
+    _assert_served_lazily(cd, pysoci, uncompressed)
 
 
 def test_lazy_tree_equals_overlayfs(
@@ -223,40 +351,63 @@ def test_lazy_tree_equals_overlayfs(
     full = cd.ctr(
         "run", "--rm", images["plain"], "tree-overlay", "/usr/bin/python3", "-c", TREE
     ).stdout
-    assert lazy.strip() == full.strip() and len(lazy.strip()) == 64
+    lazy_entries, full_entries = lazy.splitlines(), full.splitlines()
+    assert len(full_entries) > 5000  # the whole Debian tree was walked
+    diff = list(difflib.unified_diff(full_entries, lazy_entries, "overlayfs", "pysoci", n=0))
+    assert not diff, "\n".join(diff[:40])
+    # What the test layers add is in it, so the comparison covers hardlinks, xattrs, devices
+    # and nanosecond mtimes of lazy (opt/tar) and locally unpacked (etc) layers.
+    entries = {e[0]: e for e in map(ast.literal_eval, lazy_entries)}
+    assert entries["/opt/tar/data-link"][7:9] == (2, (12 << 20, "/opt/tar/data"))
+    assert entries["/etc/small-link"][7:9] == (2, (6, "/etc/small-layer"))
+    assert ("user.pysoci", b"lazy") in entries["/opt/tar/data"][6]
+    assert ("user.pysoci", b"local") in entries["/etc/small-layer"][6]
+    assert entries["/opt/tar/null"][5] == os.makedev(1, 3)
+    assert entries["/opt/tar/fifo"][1] == oct(stat.S_IFIFO | 0o600)
+    assert (
+        entries["/opt/tar/data"][4] == entries["/etc/small-layer"][4] == 1_700_000_000_123_456_000
+    )
 
 
 def test_image_without_index_is_pulled_normally(
     rig: tuple[Registry, Pysoci, Containerd, Path], images: dict[str, str]
 ) -> None:
-    _, _, cd, _ = rig
-    cd.ctr("image", "pull", "--plain-http", "--snapshotter", "soci", images["plain"])
-    out = cd.ctr(
-        "run", "--rm", "--snapshotter", "soci", images["plain"], "noindex", *WORKLOAD
-    ).stdout
-    assert out.strip() == "ready"
-    content = cd.ctr("content", "ls", "-q").stdout.split()
-    assert layer_digests(cd, images["plain"])[0] in content  # downloaded: nothing was lazy
+    """ctr-remote sends the remote-snapshot labels; without an index pysoci answers as an
+    overlay snapshotter, so containerd downloads and unpacks the layer itself."""
+    reg, pysoci, cd, tmp = rig
+    ref = _push(reg, tmp, "noindex", [_base_layer(), _fresh_layer("noindex", 1 << 20)])
+    fresh = layer_digests(cd, ref)[1]
+    cd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "soci", ref)
+    assert _size_of(cd, ref, "noindex") == str(1 << 20)
+    assert fresh in _content(cd)  # downloaded by containerd: nothing was lazy
+    log = pysoci.log.read_text()
+    assert f"has no SOCI index; containerd unpacks layer {fresh}" in log
+    assert f"layer {fresh} served lazily" not in log
 
 
 def test_nerdctl_pull_and_run_lazily(
     rig: tuple[Registry, Pysoci, Containerd, Path], images: dict[str, str]
 ) -> None:
-    _, _, cd, _ = rig
-    ref = images["soci"]
-    cd.nerdctl("--snapshotter", "soci", "--insecure-registry", "pull", ref)
+    """A SOCI-enabled image (index v2, found by the manifest's annotation)."""
+    reg, pysoci, cd, tmp = rig
+    plain = _push(reg, tmp, "nerd", [_base_layer(), _fresh_layer("nerd")])
+    ref = f"{reg.host}/nerd:soci"
+    subprocess.run(
+        [PYSOCI, "convert", plain, ref, "--plain-http", "--root", str(tmp / "nerd"), "-q"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    nerd = ["--snapshotter", "soci", "--insecure-registry"]
+    cd.nerdctl(*nerd, "pull", ref)
+    script = "import json, sqlite3, email; print(len(open('/opt/nerd','rb').read()))"
     out = cd.nerdctl(
-        "--snapshotter",
-        "soci",
-        "--insecure-registry",
-        "run",
-        "--rm",
-        "--net",
-        "none",
-        ref,
-        *WORKLOAD,
+        *nerd, "run", "--rm", "--net", "none", ref, "/usr/bin/python3", "-c", script
     ).stdout
-    assert out.strip() == "ready"
+    assert out.strip() == str(12 << 20)
+    fresh = layer_digests(cd, ref)[1]
+    _assert_served_lazily(cd, pysoci, fresh)
+    assert "found by v2-annotation" in pysoci.log.read_text()
 
 
 def test_nerdctl_with_soci_index_digest(
@@ -264,16 +415,7 @@ def test_nerdctl_with_soci_index_digest(
 ) -> None:
     """An explicit v1 index (`--soci-index-digest`): the label path, not the v2 annotation."""
     reg, pysoci, cd, tmp = rig
-    # The Debian base plus a layer no other test image has, so its snapshot is new here.
-    unique = Layer.from_tar(_tar({"opt/unique": random.Random(77).randbytes(12 << 20)}))
-    write_image(tmp / "unique", "v1", [_base_layer(), unique])
-    ref = f"{reg.host}/unique:v1"
-    subprocess.run(
-        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{tmp}/unique:v1", f"docker://{ref}"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    ref = _push(reg, tmp, "unique", [_base_layer(), _fresh_layer("unique")])
     root = ["--plain-http", "--root", str(tmp / "v1")]
     subprocess.run(
         [PYSOCI, "create", ref, *root, "-q"], check=True, capture_output=True, timeout=600
@@ -294,30 +436,48 @@ def test_nerdctl_with_soci_index_digest(
     ).stdout
     assert out.strip() == str(12 << 20)
     unique_digest = layer_digests(cd, ref)[1]
-    assert unique_digest not in cd.ctr("content", "ls", "-q").stdout.split()
-    log = pysoci.log.read_text()
-    assert f"SOCI index {index_digest}, found by explicit" in log
-    assert f"layer {unique_digest} served lazily" in log
+    _assert_served_lazily(cd, pysoci, unique_digest)
+    assert f"SOCI index {index_digest}, found by explicit" in pysoci.log.read_text()
+
+
+def test_index_only_in_the_local_content_store(
+    rig: tuple[Registry, Pysoci, Containerd, Path], images: dict[str, str]
+) -> None:
+    """`pysoci create --root` into the daemon's own root, never pushed: the registry has no
+    index, and the daemon finds it (and its zTOCs) in ROOT/content."""
+    reg, pysoci, cd, tmp = rig
+    ref = _push(reg, tmp, "localindex", [_base_layer(), _fresh_layer("localindex")])
+    subprocess.run(
+        [PYSOCI, "create", ref, "--plain-http", "--root", str(pysoci.root), "-q"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    listing = subprocess.run(
+        [PYSOCI, "index", "list", "--root", str(pysoci.root), "--ref", ref],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    index_digest = listing[1].split()[0]
+    cd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "soci", ref)
+    assert _size_of(cd, ref, "localindex") == str(12 << 20)
+    fresh = layer_digests(cd, ref)[1]
+    _assert_served_lazily(cd, pysoci, fresh)
+    assert f"SOCI index {index_digest}, found by local" in pysoci.log.read_text()
 
 
 def test_multi_platform_image(
     rig: tuple[Registry, Pysoci, Containerd, Path], images: dict[str, str]
 ) -> None:
-    reg, _, cd, tmp = rig
-    src = f"{reg.host}/mixed:v1"
+    reg, pysoci, cd, tmp = rig
     multi = f"{reg.host}/multi:v1"
     # An index with this host's image and an arm64 sibling that will never be pulled here.
-    subprocess.run(
-        ["skopeo", "copy", "--src-tls-verify=false", f"docker://{src}", f"oci:{tmp}/multi:host"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
     from snapshotter.content.layout import OciLayout
     from snapshotter.soci import oci
 
+    host = write_image(tmp / "multi", "host", [_base_layer(), _fresh_layer("multi")])
     layout = OciLayout.open(tmp / "multi")
-    host = layout.resolve("host")
     arm = oci.Platform(os="linux", architecture="arm64", variant="v8")
     arm_desc = write_image(
         tmp / "multi", "arm", [Layer.from_tar(_tar({"arm": b"x" * 100}))], platform=arm
@@ -367,3 +527,6 @@ def test_multi_platform_image(
     cd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "soci", soci)
     out = cd.ctr("run", "--rm", "--snapshotter", "soci", soci, "multi", *WORKLOAD).stdout
     assert out.strip() == "ready"
+    assert _size_of(cd, soci, "multi") == str(12 << 20)
+    fresh = layer_digests(cd, soci)[1]
+    _assert_served_lazily(cd, pysoci, fresh)
