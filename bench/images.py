@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -70,6 +71,10 @@ class Workload:
     """A substring of a line of the container's stdout/stderr."""
     exits: bool
     """True: the process ends by itself after the ready line (else the bench stops it)."""
+
+    def is_ready(self, line: str) -> bool:
+        """`ready` as words of the line (ctr's "... already exists" is not ready)."""
+        return re.search(rf"(?<!\w){re.escape(self.ready)}(?!\w)", line) is not None
 
 
 WORKLOADS: dict[str, Workload] = {

@@ -161,6 +161,16 @@ class Rig:
                 total += int(json.loads(p.read_text())["fetchedSize"])
         return total
 
+    def check_lazy(self) -> None:
+        """A pysoci run that served no layer lazily measures nothing: fail it, keep the log."""
+        lazy = list((self.pysoci.root / "fuse" / ".status").glob("*.json"))
+        if lazy:
+            return
+        OUT.mkdir(parents=True, exist_ok=True)
+        kept = OUT / f"pysoci-not-lazy-{time.strftime('%H%M%S')}.log"
+        shutil.copyfile(self.pysoci.log, kept)
+        raise RuntimeError(f"pysoci served no layer lazily (its log: {kept})")
+
     def close(self) -> None:
         try:
             if self.cd is not None:
@@ -173,7 +183,14 @@ class Rig:
 
 
 def cleanup_dir(wd: Path) -> None:
-    """Unmount everything under `wd` (deepest first), then remove it."""
+    """Unmount everything under `wd` (deepest first), then remove it. runc keeps container
+    state outside it, by container id: what a killed run left of ours goes too."""
+    for cid in ("cold", "warm"):
+        subprocess.run(
+            ["runc", "--root", "/run/containerd/runc/default", "delete", "-f", cid],
+            capture_output=True,
+            check=False,
+        )
     prefix = str(wd) + "/"
     for _ in range(5):
         mounts = []
@@ -229,7 +246,7 @@ class Container:
                 )
             stamp, line = item
             self.output.append(line)
-            if self.wl.ready in line:
+            if self.wl.is_ready(line):
                 return stamp
 
     def finish(self, timeout: float = 120) -> None:
@@ -313,6 +330,7 @@ def cold_run(
             res.ready_s = stamp - t0
             if mode == "pysoci":
                 res.fetched_at_ready = rig.fetched()
+                rig.check_lazy()
             if spy is not None:
                 stop_py_spy(spy)
                 spy = None
@@ -321,7 +339,7 @@ def cold_run(
             c.kill()
         time.sleep(0.5)
         res.bytes_total = reg.bytes_served() - b0
-        res.extra["ready_line"] = next((x for x in c.output if wl.ready in x), "")
+        res.extra["ready_line"] = next((x for x in c.output if wl.is_ready(x)), "")
         if warm:
             t1 = time.perf_counter()
             res.warm_s = start_and_wait(rig.cd, ref, "warm", mode, wl) - t1
@@ -337,7 +355,7 @@ def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     spy = str(Path(sys.executable).with_name("py-spy"))
     proc = subprocess.Popen(
         [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--idle",
-         "--threads", "--output", str(out)],
+         "--nonblocking", "--threads", "--output", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
