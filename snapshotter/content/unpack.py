@@ -22,6 +22,7 @@ from typing import IO
 
 from snapshotter.compression.detect import Compression, iter_decompress
 from snapshotter.errors import DigestMismatchError, TarFormatError
+from snapshotter.soci.tarheader import parse_pax_time
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,16 @@ def _set_metadata(dir_fd: int, name: str, member: tarfile.TarInfo, *, is_link: b
                 os.setxattr(target, key[len("SCHILY.xattr.") :], raw, follow_symlinks=False)
             except OSError as e:
                 log.warning("cannot set xattr %s on %s: %s", key, member.name, e.strerror)
-    mtime = int(member.mtime * 1e9) if isinstance(member.mtime, float) else member.mtime * 10**9
-    os.utime(name, ns=(mtime, mtime), dir_fd=dir_fd, follow_symlinks=False)
+    os.utime(name, ns=(_mtime_ns(member),) * 2, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """The exact mtime: tarfile's float loses the last digits of a PAX nanosecond time."""
+    pax = member.pax_headers.get("mtime")
+    if pax:
+        seconds, nanos = parse_pax_time(pax)
+        return seconds * 10**9 + nanos
+    return int(member.mtime) * 10**9
 
 
 def apply_layer(

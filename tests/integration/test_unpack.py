@@ -165,3 +165,17 @@ def test_diff_id_is_checked(tmp_path: Path) -> None:
 def test_garbage_is_a_tar_error(tmp_path: Path) -> None:
     with pytest.raises(TarFormatError):
         apply_layer([b"\x01" * 2048], Compression.UNCOMPRESSED, tmp_path / "l")
+
+
+def test_pax_nanosecond_mtimes_are_exact(tmp_path: Path) -> None:
+    # tarfile reads a PAX mtime as a float, which cannot hold 1.7e9 s with 9 decimals.
+    entries = []
+    for i, stamp in enumerate(["1700000000.123456789", "1700000001.000000001", "-5.5", "7"]):
+        info = _info(f"f{i}")
+        info.pax_headers = {"mtime": stamp}
+        entries.append((info, b"x"))
+    out = tmp_path / "out"
+    out.mkdir()
+    apply_layer([_tar(entries)], Compression.UNCOMPRESSED, out)
+    got = [os.lstat(out / f"f{i}").st_mtime_ns for i in range(4)]
+    assert got == [1_700_000_000_123_456_789, 1_700_000_001_000_000_001, -5_500_000_000, 7 * 10**9]
