@@ -22,14 +22,14 @@ from typing import Any, TextIO
 from snapshotter.cli.progress import human_bytes
 from snapshotter.config import DEFAULT_ROOT
 from snapshotter.errors import PysociError
+from snapshotter.service.snapshots import LOCAL_REASON_LABEL
 from snapshotter.service.store import Kind, SnapshotRecord, Txn
 
 LABEL_CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
 LABEL_CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 LABEL_STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
-LABEL_LOCAL_REASON = "pysoci.io/local-reason"
-"""Why the remote-snapshot hook unpacked a layer instead of serving it lazily (when recorded)."""
+LABEL_LOCAL_REASON = LOCAL_REASON_LABEL
 
 REASON_BY_CONTAINERD = "unpacked by containerd (no SOCI index, or no remote-snapshot labels)"
 REASON_BY_PYSOCI = "unpacked by pysoci (no zTOC for this layer, or the lazy mount failed)"

@@ -35,12 +35,14 @@ from typing import Any, Final, TypeVar
 
 import trio
 
+from snapshotter import metrics
 from snapshotter.content.discovery import FoundIndex, Modes, fetch_ztoc, find_soci_index
 from snapshotter.content.layout import OciLayout
 from snapshotter.content.local_layers import LocalLayers
 from snapshotter.errors import FormatError, InvalidReferenceError, ManifestError, PysociError
 from snapshotter.fetch.registry_source import RegistryRangeSource
 from snapshotter.layers import LazyLayers
+from snapshotter.logs import log_context
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference, parse_reference
 from snapshotter.rootfs import layer_id
@@ -399,6 +401,10 @@ class SociRemote:
                     self.local.remove_dir(entry)
 
     async def _prepare(self, key: str, request: LayerRequest) -> RemoteLayer | None:
+        with log_context(image=str(request.ref), layer=request.layer_digest, snapshot=key):
+            return await self._prepare_layer(key, request)
+
+    async def _prepare_layer(self, key: str, request: LayerRequest) -> RemoteLayer | None:
         try:
             image = await self._image(request)
             layer, position = self._layer(image, request)
@@ -421,7 +427,10 @@ class SociRemote:
                 self.client, request.ref, layer, image.diff_ids[position]
             )
             log.info("snapshot %s: layer %s has no zTOC; unpacked locally", key, layer.digest)
-            result = RemoteLayer(str(path), remote=False)
+            metrics.LAZY_MOUNT_FALLBACKS.labels(reason="no_ztoc").inc()
+            result = RemoteLayer(
+                str(path), remote=False, local_reason="unpacked by pysoci: no zTOC for this layer"
+            )
         else:
             lid = layer_id(layer.digest)
             record_path = self._record_path(lid)
@@ -464,10 +473,15 @@ class SociRemote:
                     request.ref,
                     e,
                 )
+                metrics.LAZY_MOUNT_FALLBACKS.labels(reason="mount_failed").inc()
                 path = await self.local.ensure(
                     self.client, request.ref, layer, image.diff_ids[position]
                 )
-                result = RemoteLayer(str(path), remote=False)
+                result = RemoteLayer(
+                    str(path),
+                    remote=False,
+                    local_reason=f"unpacked by pysoci: the lazy mount failed ({e})"[:1000],
+                )
         self._refs[result.layer_dir] = self._refs.get(result.layer_dir, 0) + 1
         return result
 

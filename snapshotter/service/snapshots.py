@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
 REMOTE_LABEL = "containerd.io/snapshot/remote"
 REMOTE_LABEL_VALUE = "remote snapshot"
+LOCAL_REASON_LABEL = "pysoci.io/local-reason"
+"""On committed layers pysoci unpacked itself: why not lazily (read by `pysoci status`)."""
 MAX_LABEL_SIZE = 4096
 
 
@@ -50,6 +52,8 @@ class RemoteLayer:
 
     layer_dir: str
     remote: bool
+    local_reason: str = ""
+    """Why a layer of an indexed image was unpacked instead (kept as LABEL_LOCAL_REASON)."""
 
 
 class RemoteHook(Protocol):
@@ -280,6 +284,8 @@ class Snapshotter:
             tlabels = dict(labels)
             if layer.remote:
                 tlabels[REMOTE_LABEL] = REMOTE_LABEL_VALUE
+            elif layer.local_reason:
+                tlabels[LOCAL_REASON_LABEL] = layer.local_reason
             try:
                 with self.store.write() as tx:
                     prec = self._require_parent(tx, parent)

@@ -142,6 +142,9 @@ def test_metrics_status_and_logs_after_a_lazy_pull(
     assert after[("pysoci_span_fetch_duration_seconds_count", (("kind", "on_demand"),))] > 0
     for op in ("lookup", "open", "read"):
         assert after[("pysoci_fuse_operations_total", (("operation", op),))] > 0, op
+    # The image's small layer has no zTOC: pysoci unpacked it, and counted why.
+    fallback = ("pysoci_lazy_mount_fallbacks_total", (("reason", "no_ztoc"),))
+    assert after.get(fallback, 0) == before.get(fallback, 0) + 1
 
     # pysoci status: the image, its lazy layer with a percentage, the local one with a reason.
     res = status(pysoci.root)
@@ -149,7 +152,7 @@ def test_metrics_status_and_logs_after_a_lazy_pull(
     assert ref in res.stdout
     lazy_line = next(line for line in res.stdout.splitlines() if digest[7:19] in line)
     assert " lazy " in lazy_line and "%" in lazy_line and "[#" in lazy_line, res.stdout
-    assert " local " in res.stdout and "unpacked by pysoci" in res.stdout, res.stdout
+    assert " local " in res.stdout and "unpacked by pysoci: no zTOC" in res.stdout, res.stdout
 
     res = status(pysoci.root, "--json")
     assert res.returncode == 0, res.stderr
@@ -169,6 +172,10 @@ def test_metrics_status_and_logs_after_a_lazy_pull(
     assert len(records) > 10
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any(r.get("layer") == digest for r in records)
+    # The remote-snapshot hook's lines name the image, the layer and the snapshot.
+    lazy_line = next(r for r in records if "served lazily" in r["message"])
+    assert lazy_line["image"] == ref and lazy_line["layer"] == digest, lazy_line
+    assert lazy_line["snapshot"].startswith("default/") and "extract-" in lazy_line["snapshot"]
 
 
 def test_image_without_index_is_local_by_containerd(
