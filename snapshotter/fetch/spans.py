@@ -489,6 +489,8 @@ class SpanManager:
                 if foreground:
                     metrics.DISK_MISSES.inc(len(absent))
                 await self._fetch(absent, inflate=inflate, foreground=foreground)
+                if self.layer_verified is not False:
+                    self._last_error = ""  # the registry serves again: the error is history
         except Exception as exc:
             load.error = exc
             self._last_error = f"{type(exc).__name__}: {exc}"

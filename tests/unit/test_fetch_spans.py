@@ -284,7 +284,9 @@ async def test_registry_failures_then_recovery(tmp_path: Path) -> None:
         source.truncate_next = 1
         with pytest.raises(RegistryResponseError):
             await m.read(0, 10)
+        assert "RegistryResponseError" in m.status()["error"]
         assert await m.read(0, 10) == lay.tar[:10]
+        assert m.status()["error"] == ""  # the layer works again: no stale error on show
 
 
 async def test_timeout_is_a_typed_error(tmp_path: Path) -> None:
