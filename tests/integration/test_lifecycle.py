@@ -117,7 +117,14 @@ def make_image(rig: Rig, name: str, seed: int, size: int = BIG) -> tuple[str, st
     """Push base + a random layer, SOCI-convert it; (ref through the proxy, layer digest of
     the random layer, sha256 of /data/blob)."""
     layer, sha = data_layer(seed, size)
-    write_image(rig.tmp / "src" / name, "v1", [base_layer(), layer])
+    push_and_convert(rig, name, [base_layer(), layer])
+    digest = "sha256:" + hashlib.sha256(layer.blob).hexdigest()
+    return f"{rig.proxy.host}/{name}:soci", digest, sha
+
+
+def push_and_convert(rig: Rig, name: str, layers: list[Layer]) -> None:
+    """Push `name:v1` to the registry and its SOCI-enabled copy as `name:soci`."""
+    write_image(rig.tmp / "src" / name, "v1", layers)
     plain = f"{rig.reg.host}/{name}:v1"
     subprocess.run(
         ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{rig.tmp}/src/{name}:v1",
@@ -129,8 +136,6 @@ def make_image(rig: Rig, name: str, seed: int, size: int = BIG) -> tuple[str, st
          str(rig.tmp / "build"), "-q"],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
-    digest = "sha256:" + hashlib.sha256(layer.blob).hexdigest()
-    return f"{rig.proxy.host}/{name}:soci", digest, sha
 
 
 @pytest.fixture(scope="module")
@@ -431,18 +436,7 @@ def test_local_layers_and_orphans_are_cleaned_up(rig: Rig) -> None:
     # A layer below the min layer size has no zTOC: pysoci downloads and unpacks it under
     # ROOT/layers; removing the image removes that tree.
     small, small_sha = data_layer(77, 1 << 20)
-    write_image(rig.tmp / "src" / "smalllocal", "v1", [base_layer(), small])
-    plain = f"{rig.reg.host}/smalllocal:v1"
-    subprocess.run(
-        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{rig.tmp}/src/smalllocal:v1",
-         f"docker://{plain}"],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    subprocess.run(
-        [PYSOCI, "convert", plain, f"{rig.reg.host}/smalllocal:soci", "--plain-http", "--root",
-         str(rig.tmp / "build"), "-q"],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
+    push_and_convert(rig, "smalllocal", [base_layer(), small])
     ref = f"{rig.proxy.host}/smalllocal:soci"
     small_digest = "sha256:" + hashlib.sha256(small.blob).hexdigest()
     rpull(rig, ref)
