@@ -8,12 +8,10 @@ FUSE mount stands in for a container reading a file (no runc needed).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import subprocess
 import sys
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,23 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from snapshotter.rootfs import layer_id
 from tests.fixtures.containerd import Containerd, Pysoci, start_containerd
-from tests.fixtures.images import Layer, write_image
+from tests.fixtures.images import Layer, files_tar, write_image
 from tests.fixtures.registry import Registry, free_port, start_registry
 
 pytestmark = pytest.mark.integration
 
 PYSOCI = str(Path(sys.executable).with_name("pysoci"))
 BIG = random.Random(5).randbytes(3 << 20)
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +47,8 @@ def rig(
         f'[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
     )
     layers = [
-        Layer.from_tar(_tar({"data/big": BIG, "etc/hello": b"hello\n"})),
-        Layer.from_tar(_tar({"etc/small": b"small\n"})),
+        Layer.from_tar(files_tar({"data/big": BIG, "etc/hello": b"hello\n"})),
+        Layer.from_tar(files_tar({"etc/small": b"small\n"})),
     ]
     write_image(tmp / "src", "v1", layers)
     plain, soci = f"{reg.host}/obs:v1", f"{reg.host}/obs:soci"
@@ -123,7 +111,7 @@ def test_metrics_status_and_logs_after_a_lazy_pull(
     assert ("pysoci_layers_mounted", ()) in before
     cd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "soci", ref)
 
-    big = Layer.from_tar(_tar({"data/big": BIG, "etc/hello": b"hello\n"}))
+    big = Layer.from_tar(files_tar({"data/big": BIG, "etc/hello": b"hello\n"}))
     digest = "sha256:" + hashlib.sha256(big.blob).hexdigest()
     lazy_dir = pysoci.root / "fuse" / layer_id(digest)
     assert lazy_dir.is_dir()
@@ -182,7 +170,7 @@ def test_image_without_index_is_local_by_containerd(
     rig: tuple[Registry, Pysoci, Containerd, str, int], tmp_path: Path
 ) -> None:
     reg, pysoci, cd, _, _ = rig
-    write_image(tmp_path / "src", "v1", [Layer.from_tar(_tar({"etc/plain": b"plain\n"}))])
+    write_image(tmp_path / "src", "v1", [Layer.from_tar(files_tar({"etc/plain": b"plain\n"}))])
     plain = f"{reg.host}/plain:v1"
     subprocess.run(
         [

@@ -9,11 +9,9 @@ building and the gRPC-thread → trio bridge are the real ones.
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import shutil
-import tarfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +49,7 @@ from snapshotter.service.snapshots import LayerRecord, RemoteLayer
 from snapshotter.soci import index as soci_index
 from snapshotter.soci import oci
 from snapshotter.soci.ztoc import Ztoc
-from tests.fixtures.images import Layer, write_image
+from tests.fixtures.images import Layer, files_tar, write_image
 
 HOST = "registry.test:5000"
 DIGEST_A = "sha256:" + "a" * 64
@@ -59,22 +57,12 @@ DIGEST_B = "sha256:" + "b" * 64
 OPTIONS = IndexOptions(span_size=64 << 10, min_layer_size=100 << 10, workers=1)
 
 
-def _tar(files: Mapping[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def big_layer(seed: int) -> Layer:
     """A gzip layer above OPTIONS' min layer size (random data does not compress)."""
-    return Layer.from_tar(_tar({f"data/{seed}": random.Random(seed).randbytes(300_000)}))
+    return Layer.from_tar(files_tar({f"data/{seed}": random.Random(seed).randbytes(300_000)}))
 
 
-SMALL = Layer.from_tar(_tar({"etc/small": b"small\n"}))
+SMALL = Layer.from_tar(files_tar({"etc/small": b"small\n"}))
 
 
 # -- fakes -----------------------------------------------------------------------------------
@@ -371,8 +359,18 @@ def test_layer_in_no_platform_of_an_image_index(rig: Rig, caplog: pytest.LogCapt
 # -- zTOCs that do not fit -------------------------------------------------------------------
 
 
-def _index_with(layout: OciLayout, subject: oci.Descriptor, ztocs: list[oci.Descriptor]) -> str:
-    idx = soci_index.SociIndex(version=1, ztocs=ztocs, subject=subject)
+def _index_naming(
+    layout: OciLayout, subject: oci.Descriptor, layer: oci.Descriptor, ztoc: str, size: int
+) -> str:
+    """A v1 index for `subject` that names blob `ztoc` (`size` bytes) as `layer`'s zTOC."""
+    desc = soci_index.ztoc_descriptor(
+        ztoc,
+        size,
+        layer_digest=layer.digest,
+        layer_media_type=layer.media_type,
+        span_size=OPTIONS.span_size,
+    )
+    idx = soci_index.SociIndex(version=1, ztocs=[desc], subject=subject)
     layout.write_blob(soci_index.EMPTY_CONFIG_BYTES)
     return layout.write_blob(idx.to_json_bytes())
 
@@ -389,14 +387,7 @@ def test_ztoc_of_another_layer_falls_back_to_a_local_unpack(
     l1, l2 = manifest.layers
     ztoc2 = good.index.ztoc_for_layer(l2.digest)
     assert ztoc2 is not None and l1.size != l2.size
-    swapped = soci_index.ztoc_descriptor(
-        ztoc2.digest,
-        ztoc2.size,
-        layer_digest=l1.digest,
-        layer_media_type=l1.media_type,
-        span_size=OPTIONS.span_size,
-    )
-    bad = _index_with(layout, good.manifest, [swapped])
+    bad = _index_naming(layout, good.manifest, l1, ztoc2.digest, ztoc2.size)
     got = rig.prepare(labels_for(f"{HOST}/a:v1", l1.digest, **{LABEL_SOCI_INDEX_DIGEST: bad}))
     assert isinstance(got, RemoteLayer) and not got.remote
     assert "LAZY MOUNT FAILED" in caplog.text and "the layer has" in caplog.text
@@ -414,20 +405,14 @@ def test_ztoc_that_is_not_a_ztoc_falls_back_to_a_local_unpack(
     layout = rig.repo("a")
     layer = manifest.layers[0]
     garbage = b"\x10\x00\x00\x00not a flatbuffer at all"
-    desc = soci_index.ztoc_descriptor(
-        layout.write_blob(garbage),
-        len(garbage),
-        layer_digest=layer.digest,
-        layer_media_type=layer.media_type,
-        span_size=OPTIONS.span_size,
-    )
-    bad = _index_with(layout, layout.resolve("v1"), [desc])
+    garbage_digest = layout.write_blob(garbage)
+    bad = _index_naming(layout, layout.resolve("v1"), layer, garbage_digest, len(garbage))
     got = rig.prepare(labels_for(f"{HOST}/a:v1", layer.digest, **{LABEL_SOCI_INDEX_DIGEST: bad}))
     assert isinstance(got, RemoteLayer) and not got.remote
     assert "LAZY MOUNT FAILED" in caplog.text
     assert rig.lazy.mounts == {}
     # What failed to decode is not kept as the layer's zTOC.
-    assert not OciLayout.open(rig.root / "lazy" / "ztocs").has_blob(desc.digest)
+    assert not OciLayout.open(rig.root / "lazy" / "ztocs").has_blob(garbage_digest)
 
 
 def test_index_naming_a_missing_ztoc_falls_back_to_a_local_unpack(
@@ -437,14 +422,7 @@ def test_index_naming_a_missing_ztoc_falls_back_to_a_local_unpack(
     manifest = push_image(rig, "a", [big_layer(1)])
     layout = rig.repo("a")
     layer = manifest.layers[0]
-    desc = soci_index.ztoc_descriptor(
-        DIGEST_A,
-        100,
-        layer_digest=layer.digest,
-        layer_media_type=layer.media_type,
-        span_size=OPTIONS.span_size,
-    )
-    bad = _index_with(layout, layout.resolve("v1"), [desc])
+    bad = _index_naming(layout, layout.resolve("v1"), layer, DIGEST_A, 100)
     got = rig.prepare(labels_for(f"{HOST}/a:v1", layer.digest, **{LABEL_SOCI_INDEX_DIGEST: bad}))
     assert isinstance(got, RemoteLayer) and not got.remote
     assert "LAZY MOUNT FAILED" in caplog.text
