@@ -26,10 +26,8 @@ from snapshotter.content.discovery import Modes
 from snapshotter.content.local_layers import LocalLayers
 from snapshotter.layers import LazyLayers
 from snapshotter.lifecycle import lock_root, overlays_using, unmount_stale_fuse
-from snapshotter.registry.auth import RegistryAuth
 from snapshotter.registry.client import RegistryClient
-from snapshotter.registry.credentials import CredentialStore
-from snapshotter.registry.hosts import RegistryHosts
+from snapshotter.registry.node import node_registry_client
 from snapshotter.sdnotify import notify
 from snapshotter.service.remote import SociRemote, TrioBridge
 from snapshotter.service.server import serve
@@ -43,15 +41,7 @@ DEFAULT_ADDRESS = "/run/pysoci/pysoci.sock"
 
 def registry_client(config: Config) -> RegistryClient:
     """The daemon's registry client: hosts.toml, mirrors and Docker credentials of the node."""
-    docker_dir = Path(config.registry.docker_config) if config.registry.docker_config else None
-    credentials = CredentialStore(docker_dir)
-    hosts = RegistryHosts(config)
-    return RegistryClient(
-        config,
-        hosts=hosts,
-        auth=RegistryAuth(credentials.get, verify=hosts.verify_for, http=config.http),
-        force_single_range=config.blob.force_single_range_mode,
-    )
+    return node_registry_client(config)
 
 
 async def serve_daemon(config: Config, root: Path, address: str, *, max_workers: int = 16) -> None:

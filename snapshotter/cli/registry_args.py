@@ -7,10 +7,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from snapshotter.config import DEFAULT_ROOT, Config
-from snapshotter.registry.auth import RegistryAuth
 from snapshotter.registry.client import RegistryClient
-from snapshotter.registry.credentials import CredentialStore, parse_user
-from snapshotter.registry.hosts import RegistryHosts
+from snapshotter.registry.credentials import parse_user
+from snapshotter.registry.node import node_registry_client
 from snapshotter.registry.reference import Reference
 
 
@@ -54,8 +53,9 @@ def registry_client(
     if args.user:
         creds = parse_user(args.user)
         overrides = {ref.registry: creds for ref in refs}
-    docker_dir = Path(config.registry.docker_config) if config.registry.docker_config else None
-    credentials = CredentialStore(docker_dir, overrides=overrides)
-    hosts = RegistryHosts(config, plain_http=args.plain_http, skip_verify=args.skip_verify)
-    auth = RegistryAuth(credentials.get, verify=hosts.verify_for, http=config.http)
-    return RegistryClient(config, hosts=hosts, auth=auth, plain_http=args.plain_http)
+    return node_registry_client(
+        config,
+        credential_overrides=overrides,
+        plain_http=args.plain_http,
+        skip_verify=args.skip_verify,
+    )
