@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -56,21 +55,19 @@ def return_freed_memory() -> None:
     glibc keeps freed memory in per-thread arenas (gRPC and trio worker threads each have
     one), so without a trim the RSS of a long-running daemon stays at its high-water mark
     after images are removed."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
-def _load_libc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        return libc
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return None
+def _malloc_trim() -> Any:
+    # The process's own symbols: no library search (find_library runs ldconfig) at import.
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent outside glibc
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
-_LIBC: Final = _load_libc()
+_MALLOC_TRIM: Final = _malloc_trim()
 
 
 class LayerMountError(PysociError):
