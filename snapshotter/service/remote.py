@@ -276,32 +276,33 @@ class SociRemote:
                 self.local.remove_dir(Path(layer_dir))
                 log.info("removed the local layer %s: no snapshot uses it", layer_dir)
         else:
+            unmounted = lid in self._unrestored  # a restart could not mount it
             self._unrestored.pop(lid, None)
             await self.lazy.unmount(lid, drop_cache=True)
-            self._forget_record(lid)
+            record = self._forget_record(lid)
+            if unmounted and record is not None:  # unmount had no cache of it to drop
+                self.lazy.remove_cached(record.layer_digest)
             log.info("released lazy layer %s: no snapshot uses it", lid)
         if not self._refs:
             self._images.clear()
             self._image_locks.clear()
 
-    def _forget_record(self, lid: str) -> None:
-        """Delete a lazy layer's record, and its zTOC when no other record names it."""
+    def _forget_record(self, lid: str) -> LazyLayerRecord | None:
+        """Delete a lazy layer's record, and its zTOC when no other record names it; the
+        record, when it was readable."""
         path = self._record_path(lid)
         if path is None:
-            return
+            return None
         try:
-            record = LazyLayerRecord.load(path)
+            record: LazyLayerRecord | None = LazyLayerRecord.load(path)
         except FormatError:
             record = None
         path.unlink(missing_ok=True)
         if record is None or self.content is None:
-            return
-        for other in self._records():
-            if other.ztoc_digest == record.ztoc_digest:
-                return
-        self.content.blob_path(record.ztoc_digest).unlink(missing_ok=True)
-        if record.layer_digest:
-            self.lazy.remove_cached(record.layer_digest)
+            return record
+        if all(other.ztoc_digest != record.ztoc_digest for other in self._records()):
+            self.content.blob_path(record.ztoc_digest).unlink(missing_ok=True)
+        return record
 
     def _records(self) -> list[LazyLayerRecord]:
         if self.records_dir is None:
