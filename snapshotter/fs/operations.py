@@ -101,11 +101,12 @@ class LayerOperations(pyfuse3.Operations):
         a.st_blksize = BLKSIZE
         a.st_blocks = node.blocks
         a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = node.mtime_ns
-        if self.table.in_layer_tree(layer, node):
+        if self.table.in_layer_tree(layer, node) or node is self.table.root:
+            # The session invalidates the root's attributes when layers come and go.
             a.attr_timeout = self.attr_timeout
             a.entry_timeout = self.entry_timeout
         else:
-            # The mount root, `.status` and status files change as layers come and go.
+            # `.status` and status files change as layers come and go.
             a.attr_timeout = 0
             a.entry_timeout = 0 if layer is None or node.children is None else self.entry_timeout
         return a

@@ -10,6 +10,7 @@ pyfuse3 keeps its session in module globals, so a process runs at most one `Fuse
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -120,6 +121,7 @@ class FuseSession:
     def mount_layer(self, layer_id: str, ztoc: Ztoc, data: LayerData) -> Path:
         """Add the layer as `<mountpoint>/<layer_id>` and return that directory."""
         layer = self.table.add_layer(layer_id, ztoc, data)
+        self._root_changed()
         log.info(
             "mounted layer %s: %d inodes, %d bytes",
             layer_id,
@@ -131,6 +133,7 @@ class FuseSession:
     async def unmount_layer(self, layer_id: str) -> None:
         """Remove the layer; reads in flight complete or fail with EIO, new ones find nothing."""
         layer = self.table.remove_layer(layer_id)
+        self._root_changed()
         if self.running:
             pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, layer.name, ignore_enoent=True)
             pyfuse3.invalidate_entry_async(
@@ -140,6 +143,17 @@ class FuseSession:
             )
         await trio.lowlevel.checkpoint()
         log.info("unmounted layer %s", layer_id)
+
+    def _root_changed(self) -> None:
+        # The kernel caches the root's attributes (its nlink counts the layers): without
+        # that, every path walk from the mountpoint would cost a GETATTR.
+        if not self.running:
+            return
+        try:
+            pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the kernel holds no attributes to drop
+                log.warning("cannot invalidate the attributes of %s: %s", self.mountpoint, e)
 
     def check(self, layer_id: str) -> None:
         """Raise LayerNotMountedError or LayerUnavailableError unless the layer can serve."""

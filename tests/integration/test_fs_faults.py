@@ -144,7 +144,14 @@ def test_unmount_while_reads_are_in_flight(runner: FsRunner) -> None:
     for t in threads:
         t.start()
     threading.Event().wait(0.3)  # the reads are now waiting on the slow layer
+    # The kernel caches the root's attributes; layers coming and going must refresh its nlink.
+    nlink = os.stat(runner.mountpoint).st_nlink
+    assert runner.command("mount good good-again") == "mounted good-again"
+    assert os.stat(runner.mountpoint).st_nlink == nlink + 1
+    assert read(runner.path("good-again") / "dir" / "f3") == FILES["f3"]
+    assert runner.command("unmount good-again") == "unmounted good-again"
     assert runner.command("unmount slow") == "unmounted slow"
+    assert os.stat(runner.mountpoint).st_nlink == nlink - 1
     for t in threads:
         t.join(timeout=10)
         assert not t.is_alive()
