@@ -130,7 +130,9 @@ class MountedLayer:
         assert meta is not None
         length = node.offset - node.header_start
         try:
-            buf = await self.data.read(node.header_start, length)
+            buf = await self.data.read(
+                node.header_start, length, readahead_until=node.offset + node.size
+            )
         except PysociError as e:
             raise self.fail(node, f"cannot read the tar header of {meta.name!r}: {e}") from e
         if len(buf) == length and header_matches(meta, buf, 0, base=node.header_start):
