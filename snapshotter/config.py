@@ -133,6 +133,9 @@ class CacheConfig:
     evicted least recently used first)."""
     memory_bytes: int = 256 << 20
     """In-memory cache of decompressed spans, across layers."""
+    keep_inflated: bool = True
+    """Keep decompressed gzip spans on disk too, within max_bytes: once a layer is complete,
+    the background fetcher inflates it, and later reads of any of its files inflate nothing."""
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,7 @@ def fetch_config(config: Config) -> FetchConfig:
         force_single_range_mode=blob.force_single_range_mode,
         cache_max_bytes=config.cache.max_bytes,
         memory_cache_bytes=config.cache.memory_bytes,
+        keep_inflated=config.cache.keep_inflated,
         max_request_bytes=tune.max_request_bytes,
         readahead_spans=tune.readahead_spans,
         background_connections=tune.background_connections,

@@ -41,7 +41,7 @@ from snapshotter.fetch.spans import (
 )
 from snapshotter.fs.session import FuseSession
 from snapshotter.fs.table import LayerUnavailableError
-from snapshotter.soci.ztoc import Ztoc
+from snapshotter.soci.ztoc import CompressionAlgorithm, Ztoc
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,12 @@ class LazyLayers:
             raise LayerMountError("the lazy layer service is not running")
         if layer_id in self._layers:
             return self._layers[layer_id].path
-        layer_cache = self.cache.open_layer(layer_digest, ztoc.compressed_archive_size)
+        keep = self._fetch.keep_inflated and ztoc.compression_algorithm == CompressionAlgorithm.GZIP
+        layer_cache = self.cache.open_layer(
+            layer_digest,
+            ztoc.compressed_archive_size,
+            uncompressed_size=ztoc.uncompressed_archive_size if keep else None,
+        )
         tracked = TrackedSource(source)
         try:
             manager = _BoundedSpanManager(

@@ -6,14 +6,15 @@ of missing spans of the first unfinished layer (up to `background_request_bytes`
 rate limiter, and fetch it as one ranged request. A read that starts waiting on the network
 cancels the in-flight background requests (`background_preempt`), so a cold read never queues
 behind a large background transfer. A layer whose spans are all verified gets its whole-layer
-digest checked once.
+digest checked once; then, one worker at a time, its spans are inflated and kept decompressed
+on disk (`keep_inflated`), so a later read of any of its files costs no inflate.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Final
+from typing import Final, Literal
 
 import trio
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 _FIRST_BACKOFF: Final = 1.0
 _MAX_BACKOFF: Final = 60.0
+_INFLATE_BYTES: Final = 16 << 20
+"""Most decompressed bytes one background inflate job produces (at least one span)."""
+
+_Job = tuple[Literal["fill", "verify", "inflate"], SpanManager, SpanClaim | None]
 
 
 class TokenBucket:
@@ -64,6 +69,7 @@ class BackgroundFetcher:
         self._managers: list[SpanManager] = []
         self._retry_at: dict[SpanManager, tuple[float, float]] = {}
         self._verifying: set[SpanManager] = set()
+        self._inflating = False
         self._work = trio.lowlevel.ParkingLot()
         self._limiter = (
             TokenBucket(config.background_rate_limit) if config.background_rate_limit > 0 else None
@@ -75,6 +81,7 @@ class BackgroundFetcher:
         self.preempted = 0
         self.errors = 0
         self.layers_verified = 0
+        self.spans_inflated = 0
 
     def add(self, manager: SpanManager) -> None:
         """Start filling a layer (a mount counts as foreground activity)."""
@@ -127,25 +134,37 @@ class BackgroundFetcher:
             if job is None:
                 with trio.move_on_after(idle):
                     await self._work.park()
-            elif isinstance(job, SpanManager):
-                await self._verify(job)
-            else:
-                await self._fill(*job)
+                continue
+            kind, manager, claim = job
+            if kind == "verify":
+                await self._verify(manager)
+            elif claim is not None and kind == "fill":
+                await self._fill(manager, claim)
+            elif claim is not None:
+                await self._inflate(manager, claim)
 
-    def _next_job(self) -> SpanManager | tuple[SpanManager, SpanClaim] | None:
+    def _next_job(self) -> _Job | None:
         now = trio.current_time()
+        ready = []
         for manager in self._managers[: max(1, self.config.max_queue_size)]:
             retry = self._retry_at.get(manager)
-            if retry is not None and retry[0] > now:
-                continue
+            if retry is None or retry[0] <= now:
+                ready.append(manager)
+        for manager in ready:
             if manager.complete:
                 if manager.layer_verified is None and manager not in self._verifying:
                     self._verifying.add(manager)
-                    return manager
+                    return "verify", manager, None
                 continue
             claim = manager.claim_missing(self.config.background_request_bytes)
             if claim is not None:
-                return manager, claim
+                return "fill", manager, claim
+        if not self._inflating:
+            for manager in ready:
+                claim = manager.claim_uninflated(_INFLATE_BYTES)
+                if claim is not None:
+                    self._inflating = True
+                    return "inflate", manager, claim
         return None
 
     async def _fill(self, manager: SpanManager, claim: SpanClaim) -> None:
@@ -180,6 +199,24 @@ class BackgroundFetcher:
             metrics.BACKGROUND_PREEMPTIONS.inc()
             # The released spans are claimable again.
             self._work.unpark_all()
+
+    async def _inflate(self, manager: SpanManager, claim: SpanClaim) -> None:
+        # Network fills come first (see _next_job); this only costs CPU and disk.
+        try:
+            with log_context(layer=manager.digest):
+                await manager.inflate(claim)
+            self.spans_inflated += len(claim.spans)
+        except (PysociError, OSError) as exc:
+            delay = self._back_off(manager)
+            log.warning(
+                "background inflate of layer %s failed (%s); retrying in %.0f s",
+                manager.digest,
+                exc,
+                delay,
+            )
+        finally:
+            manager.release(claim)
+            self._inflating = False
 
     def _back_off(self, manager: SpanManager) -> float:
         previous = self._retry_at.get(manager)

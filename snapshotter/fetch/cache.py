@@ -1,15 +1,19 @@
-"""Disk cache of compressed layer bytes, kept across daemon restarts.
+"""Disk cache of layer bytes, kept across daemon restarts.
 
 Layout under the cache root, one directory per layer digest (`sha256-<hex>`):
 
 - `blob`: a sparse file of the layer's compressed size holding the bytes fetched so far at
   their real offsets, so a complete layer file equals the layer blob;
 - `spans`: an append-only log of the span ids written, one decimal id per line, appended after
-  the span's bytes were written (duplicates are harmless).
+  the span's bytes were written (duplicates are harmless);
+- `inflated` and `inflated-spans` (gzip layers whose handle was opened with their uncompressed
+  size): the same pair for decompressed spans, at their offsets in the tar, so a span read
+  again needs no inflate; each log line is `<span> <sha256 hex of its decompressed bytes>`.
 
 Nothing is fsync'ed: a crash can leave a logged span with missing or partial bytes, which is
-fine because the span manager hashes every span against its zTOC digest before it uses bytes
-read from here. The log says which spans are worth checking, never that they are good.
+fine because the span manager hashes every span (against its zTOC digest, or against the
+digest logged with its decompressed bytes) before it uses bytes read from here. The logs say
+which spans are worth checking, never that they are good.
 
 The byte bound is kept across layers by evicting whole layers that no handle holds open,
 least recently used first (the directory's mtime is the use time, so the order survives a
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 
 BLOB_FILE: Final = "blob"
 SPANS_FILE: Final = "spans"
+INFLATED_FILE: Final = "inflated"
+INFLATED_SPANS_FILE: Final = "inflated-spans"
 _DIGEST_RE: Final = re.compile(r"^(sha256|sha384|sha512):([0-9a-f]{64,128})$")
 _HASH_CHUNK: Final = 1 << 20
 
@@ -55,8 +61,53 @@ def _dir_digest(name: str) -> str | None:
     return digest if sep and _DIGEST_RE.match(digest) else None
 
 
-def _allocated(fd: int) -> int:
-    return os.fstat(fd).st_blocks * 512
+def _allocated(*fds: int | None) -> int:
+    return sum(os.fstat(fd).st_blocks * 512 for fd in fds if fd is not None)
+
+
+def _dir_allocated(path: Path) -> int:
+    total = 0
+    for name in (BLOB_FILE, INFLATED_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            total += (path / name).stat().st_blocks * 512
+    return total
+
+
+def _open_pair(path: Path, data: str, log_name: str, size: int) -> tuple[int, int]:
+    """A sparse data file of `size` bytes and its append-only log (both reset on a size
+    mismatch, which means a stale or foreign file)."""
+    data_fd = os.open(path / data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        log_fd = os.open(
+            path / log_name, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+    except BaseException:
+        os.close(data_fd)
+        raise
+    if os.fstat(data_fd).st_size != size:
+        os.ftruncate(log_fd, 0)
+        os.ftruncate(data_fd, 0)
+        os.ftruncate(data_fd, size)
+    return data_fd, log_fd
+
+
+def _pread_exact(fd: int, start: int, end: int, digest: str) -> bytes:
+    first = os.pread(fd, end - start, start)
+    if len(first) == end - start:
+        return first
+    out = bytearray(first)
+    while start + len(out) < end:
+        chunk = os.pread(fd, end - start - len(out), start + len(out))
+        if not chunk:
+            raise OSError(errno.EIO, f"short read of cached layer {digest}")
+        out += chunk
+    return bytes(out)
+
+
+def _pwrite_all(fd: int, start: int, view: memoryview) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], start + done)
 
 
 class _LayerFiles:
@@ -67,27 +118,28 @@ class _LayerFiles:
         self.digest = digest
         self.compressed_size = compressed_size
         self.refs = 0
+        self.uncompressed_size: int | None = None
+        self.inflated_fd: int | None = None
+        self.inflated_log_fd: int | None = None
         path.mkdir(parents=True, exist_ok=True)
-        self.blob_fd = os.open(path / BLOB_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            self.log_fd = os.open(
-                path / SPANS_FILE,
-                os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                0o600,
-            )
-        except BaseException:
-            os.close(self.blob_fd)
-            raise
-        if os.fstat(self.blob_fd).st_size != compressed_size:
-            # A different size means a stale or foreign file: start over.
-            os.ftruncate(self.log_fd, 0)
-            os.ftruncate(self.blob_fd, 0)
-            os.ftruncate(self.blob_fd, compressed_size)
-        self.allocated = _allocated(self.blob_fd)
+        self.blob_fd, self.log_fd = _open_pair(path, BLOB_FILE, SPANS_FILE, compressed_size)
+        self.allocated = self.measure()
+
+    def open_inflated(self, uncompressed_size: int) -> None:
+        """Open (or create) the store of decompressed spans."""
+        self.inflated_fd, self.inflated_log_fd = _open_pair(
+            self.path, INFLATED_FILE, INFLATED_SPANS_FILE, uncompressed_size
+        )
+        self.uncompressed_size = uncompressed_size
+
+    def measure(self) -> int:
+        """Allocated bytes of the data files."""
+        return _allocated(self.blob_fd, self.inflated_fd)
 
     def close(self) -> None:
-        os.close(self.blob_fd)
-        os.close(self.log_fd)
+        for fd in (self.blob_fd, self.log_fd, self.inflated_fd, self.inflated_log_fd):
+            if fd is not None:
+                os.close(fd)
 
 
 class LayerCache:
@@ -129,13 +181,7 @@ class LayerCache:
         self._check_open()
         if not 0 <= start <= end <= self._files.compressed_size:
             raise ValueError(f"range [{start}, {end}) outside the layer")
-        out = bytearray()
-        while start + len(out) < end:
-            chunk = os.pread(self._files.blob_fd, end - start - len(out), start + len(out))
-            if not chunk:
-                raise OSError(errno.EIO, f"short read of cached layer {self.digest}")
-            out += chunk
-        return bytes(out)
+        return _pread_exact(self._files.blob_fd, start, end, self.digest)
 
     def write(self, start: int, data: bytes | bytearray | memoryview) -> None:
         """Store bytes at their offset in the blob (does not log any span)."""
@@ -143,10 +189,59 @@ class LayerCache:
         view = memoryview(data).cast("B")
         if not 0 <= start <= start + len(view) <= self._files.compressed_size:
             raise ValueError(f"write [{start}, {start + len(view)}) outside the layer")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._files.blob_fd, view[done:], start + done)
+        _pwrite_all(self._files.blob_fd, start, view)
         self._owner._grown(self._files)
+
+    @property
+    def keeps_inflated(self) -> bool:
+        """Whether this layer has a store of decompressed spans."""
+        return self._files.inflated_fd is not None
+
+    def inflated_spans(self) -> dict[int, str]:
+        """Logged decompressed spans and the sha256 hex of their bytes (check before use)."""
+        self._check_open()
+        fd = self._files.inflated_log_fd
+        if fd is None:
+            return {}
+        spans: dict[int, str] = {}
+        for line in os.pread(fd, os.fstat(fd).st_size, 0).split(b"\n"):
+            span, _, digest = line.partition(b" ")
+            # A torn last line fails one of these checks and is skipped.
+            if len(digest) == 64 and span.isdigit():
+                with contextlib.suppress(ValueError):
+                    int(digest, 16)
+                    spans[int(span)] = digest.decode()
+        return spans
+
+    def read_inflated(self, start: int, end: int) -> bytes:
+        """Decompressed bytes [start, end) of the layer's tar, as stored."""
+        self._check_open()
+        fd, size = self._files.inflated_fd, self._files.uncompressed_size
+        if fd is None or size is None:
+            raise ValueError("this layer keeps no decompressed spans")
+        if not 0 <= start <= end <= size:
+            raise ValueError(f"range [{start}, {end}) outside the layer's tar")
+        return _pread_exact(fd, start, end, self.digest)
+
+    def write_inflated(self, span: int, start: int, data: bytes, digest: str) -> None:
+        """Store a decompressed span at its tar offset, then log it with its sha256 hex."""
+        self._check_open()
+        fd, log_fd, size = (
+            self._files.inflated_fd,
+            self._files.inflated_log_fd,
+            self._files.uncompressed_size,
+        )
+        if fd is None or log_fd is None or size is None:
+            raise ValueError("this layer keeps no decompressed spans")
+        if not 0 <= start <= start + len(data) <= size:
+            raise ValueError(f"write [{start}, {start + len(data)}) outside the layer's tar")
+        _pwrite_all(fd, start, memoryview(data))
+        os.write(log_fd, f"{span} {digest}\n".encode())
+        self._owner._grown(self._files)
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit under the cache bound as it is (nothing is evicted)."""
+        return self._owner._fits(nbytes)
 
     def mark(self, spans: list[int] | range) -> None:
         """Log spans as written (call after `write`)."""
@@ -161,6 +256,10 @@ class LayerCache:
         os.ftruncate(files.log_fd, 0)
         os.ftruncate(files.blob_fd, 0)
         os.ftruncate(files.blob_fd, files.compressed_size)
+        if files.inflated_fd is not None and files.inflated_log_fd is not None:
+            os.ftruncate(files.inflated_log_fd, 0)
+            os.ftruncate(files.inflated_fd, 0)
+            os.ftruncate(files.inflated_fd, files.uncompressed_size or 0)
         self._owner._grown(files)
 
     def blob_digest(self, algorithm: str = "sha256") -> str:
@@ -189,7 +288,7 @@ class LayerCache:
 
 
 class DiskCache:
-    """Every cached layer under `root`, bounded by `max_bytes` of allocated blob space."""
+    """Every cached layer under `root`, bounded by `max_bytes` of allocated space."""
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         if max_bytes < 0:
@@ -206,15 +305,15 @@ class DiskCache:
             digest = _dir_digest(entry.name)
             if digest is None or not entry.is_dir():
                 continue
-            try:
-                self._closed_sizes[digest] = (entry / BLOB_FILE).stat().st_blocks * 512
-            except FileNotFoundError:
-                self._closed_sizes[digest] = 0
+            self._closed_sizes[digest] = _dir_allocated(entry)
 
-    def open_layer(self, digest: str, compressed_size: int) -> LayerCache:
-        """A handle on the layer's cache (created empty if absent)."""
-        if compressed_size < 0:
-            raise FormatError(f"negative layer size {compressed_size}")
+    def open_layer(
+        self, digest: str, compressed_size: int, *, uncompressed_size: int | None = None
+    ) -> LayerCache:
+        """A handle on the layer's cache (created empty if absent); with `uncompressed_size`,
+        the layer also keeps decompressed spans."""
+        if compressed_size < 0 or (uncompressed_size or 0) < 0:
+            raise FormatError(f"negative layer size {compressed_size}/{uncompressed_size}")
         path = self.root / layer_dir_name(digest)
         with self._lock:
             files = self._open.get(digest)
@@ -227,6 +326,14 @@ class DiskCache:
                 files = _LayerFiles(path, digest, compressed_size)
                 self._open[digest] = files
                 self._closed_sizes.pop(digest, None)
+            if uncompressed_size is not None and files.uncompressed_size != uncompressed_size:
+                if files.uncompressed_size is not None:
+                    raise FormatError(
+                        f"layer {digest} is open with tar size {files.uncompressed_size}, "
+                        f"not {uncompressed_size}"
+                    )
+                files.open_inflated(uncompressed_size)
+                files.allocated = files.measure()
             files.refs += 1
             os.utime(path)
             self._evict_locked()
@@ -260,8 +367,12 @@ class DiskCache:
     def _usage_locked(self) -> int:
         return sum(f.allocated for f in self._open.values()) + sum(self._closed_sizes.values())
 
+    def _fits(self, nbytes: int) -> bool:
+        with self._lock:
+            return self._usage_locked() + nbytes <= self.max_bytes
+
     def _grown(self, files: _LayerFiles) -> None:
-        allocated = _allocated(files.blob_fd)
+        allocated = files.measure()
         with self._lock:
             files.allocated = allocated
             if self._usage_locked() > self.max_bytes:
@@ -273,7 +384,7 @@ class DiskCache:
             if files.refs > 0:
                 return
             del self._open[files.digest]
-            files.allocated = _allocated(files.blob_fd)
+            files.allocated = files.measure()
             files.close()
             self._closed_sizes[files.digest] = files.allocated
             with contextlib.suppress(FileNotFoundError):

@@ -31,7 +31,10 @@ class FetchConfig:
 
     # pysoci
     cache_max_bytes: int = 20 << 30
-    """Bound on the disk cache of compressed spans, across layers."""
+    """Bound on the disk cache (compressed and decompressed spans), across layers."""
+    keep_inflated: bool = True
+    """Once a gzip layer is complete, keep its spans decompressed on disk too, within
+    `cache_max_bytes` (written by the background fetcher, never evicting anything)."""
     memory_cache_bytes: int = 256 << 20
     """Bound on the in-memory cache of decompressed spans, across layers."""
     max_request_bytes: int = 16 << 20

@@ -3,12 +3,17 @@
 A span's compressed bytes are ABSENT, LOGGED (in the disk cache's log from an earlier run,
 not yet checked) or VERIFIED (on disk and matching the zTOC digest); a span being loaded has
 a pending `_Load` every interested reader waits on, so one fetch serves them all. Decompressed
-spans live in the shared, byte-bounded `SpanMemoryCache`.
+spans live in the shared, byte-bounded `SpanMemoryCache`. Once a gzip layer is complete, the
+background fetcher also keeps its spans decompressed on disk (`keep_inflated`): a read after
+that costs no inflate, however long ago the span left the memory cache. Until then nothing is
+added to the foreground path (a cold start inflates each span it needs once, as before).
 
 Bytes are served only after hashing: a span's compressed bytes are checked against its zTOC
 digest right after they arrive and again each time they are read back from disk to be
 inflated (hashing is a fraction of the inflate cost, and it makes the disk cache — crash
 leftovers, tampering, a layer being dropped — unable to feed wrong bytes to a reader).
+A decompressed span read back from disk is checked against the sha256 logged when it was
+written from verified bytes.
 """
 
 from __future__ import annotations
@@ -166,6 +171,20 @@ class ForegroundActivity:
                 await self._lot.park()
 
 
+@dataclass
+class _DiskResult:
+    good: list[int] = field(default_factory=list)
+    """Spans whose compressed bytes on disk match their digest."""
+    bad: list[int] = field(default_factory=list)
+    """Spans to fetch again: damaged on disk, with no usable decompressed copy."""
+    inflated: dict[int, bytes] = field(default_factory=dict)
+    """Decompressed spans (when asked to inflate)."""
+    fresh: dict[int, bytes] = field(default_factory=dict)
+    """The part of `inflated` that came from compressed bytes (worth keeping)."""
+    stale: list[int] = field(default_factory=list)
+    """Decompressed copies on disk that failed their check."""
+
+
 @dataclass(eq=False)
 class _Load:
     """One in-flight operation bringing some spans to VERIFIED (and maybe into memory)."""
@@ -250,6 +269,12 @@ class SpanManager:
         for s in cache.present_spans():
             if s < n:
                 self._state[s] = LOGGED
+        self._keep_inflated = self._gzip and self.config.keep_inflated and cache.keeps_inflated
+        self._inflated: dict[int, str] = {}
+        """Spans kept decompressed on disk, and the sha256 hex of their bytes."""
+        if self._keep_inflated:
+            self._inflated = {s: d for s, d in cache.inflated_spans().items() if s < n}
+        self._inflated_full_reported = False
         self._pending: dict[int, _Load] = {}
         self._verified = 0
         self._verified_bytes = 0
@@ -348,9 +373,11 @@ class SpanManager:
     async def read(self, offset: int, length: int, *, readahead_until: int | None = None) -> bytes:
         """Uncompressed layer bytes [offset, offset + length), clipped at the layer's end.
 
-        Sequential reads fetch the next spans ahead, but never past `readahead_until` (the
-        end of the file being read): small files sit next to each other in a tar, and reading
-        ahead past one would fetch spans nobody asked for.
+        Sequential reads load the next spans ahead, but never fetch past `readahead_until`
+        (the end of the file being read): small files sit next to each other in a tar, and
+        reading ahead past one would fetch spans nobody asked for. Spans already on disk cost
+        no network, so they are inflated ahead past it: a scan in tar order then finds them
+        in memory.
         """
         if offset < 0 or length < 0:
             raise ValueError(f"invalid read: offset {offset}, length {length}")
@@ -411,7 +438,7 @@ class SpanManager:
             for s in want:
                 if (self.digest, s) in self._memory:
                     continue
-                if self._state[s] == VERIFIED:
+                if self._state[s] == VERIFIED or s in self._inflated:
                     direct.append(s)
                     continue
                 err = loads[s].error
@@ -439,27 +466,36 @@ class SpanManager:
                 self.activity.end_wait()
 
     def _readahead(self, start: int, limit: int) -> None:
-        stop = min(start + self.config.readahead_spans, limit, len(self._state))
-        todo = [
-            s
-            for s in range(start, stop)
-            if s not in self._pending and (self.digest, s) not in self._memory
-        ]
-        if todo:
-            self._start_load(todo, inflate=True)
+        todo: list[int] = []
+        for s in range(start, min(start + self.config.readahead_spans, len(self._state))):
+            if s >= limit and self._state[s] == ABSENT:
+                break
+            if s not in self._pending and (self.digest, s) not in self._memory:
+                todo.append(s)
+        # One load per kind: disk loads must not wait behind a network fetch.
+        on_disk = [s for s in todo if self._state[s] != ABSENT]
+        absent = [s for s in todo if self._state[s] == ABSENT]
+        for spans in (on_disk, absent):
+            if spans:
+                self._start_load(spans, inflate=True)
 
     def _start_load(self, spans: list[int], *, inflate: bool) -> _Load:
         if self._nursery is None:
             raise LayerClosedError(f"layer {self.digest} is not running (run() not started)")
-        load = self._register(spans)
+        load = self._register(spans, inflate=inflate)
         self._nursery.start_soon(self._load_task, load, inflate)
         return load
 
-    def _register(self, spans: list[int]) -> _Load:
-        load = _Load(spans, network=any(self._state[s] == ABSENT for s in spans))
+    def _register(self, spans: list[int], *, inflate: bool = False) -> _Load:
+        network = any(self._state[s] == ABSENT and not self._has_copy(s, inflate) for s in spans)
+        load = _Load(spans, network=network)
         for s in spans:
             self._pending[s] = load
         return load
+
+    def _has_copy(self, span: int, inflate: bool) -> bool:
+        # A load that inflates can use the span's decompressed copy instead of its bytes.
+        return inflate and span in self._inflated
 
     def _settle(self, load: _Load) -> None:
         for s in load.spans:
@@ -474,17 +510,16 @@ class SpanManager:
 
     async def _load(self, load: _Load, *, inflate: bool, foreground: bool) -> None:
         try:
-            absent = [s for s in load.spans if self._state[s] == ABSENT]
-            on_disk = [s for s in load.spans if self._state[s] != ABSENT]
+            absent: list[int] = []
+            on_disk: list[int] = []
+            for s in load.spans:
+                usable = self._state[s] != ABSENT or self._has_copy(s, inflate)
+                (on_disk if usable else absent).append(s)
             if on_disk:
-                results = await trio.to_thread.run_sync(self._disk_job, on_disk, inflate)
-                good, bad, inflated = results
-                self._apply(good, inflated)
-                for s in bad:
-                    self._mark_absent(s)
-                absent = sorted([*absent, *bad])
+                res = await self._from_disk(on_disk, inflate)
+                absent = sorted([*absent, *res.bad])
                 if foreground:
-                    metrics.DISK_HITS.inc(len(good))
+                    metrics.DISK_HITS.inc(len(on_disk) - len(res.bad))
             if absent:
                 if foreground:
                     metrics.DISK_MISSES.inc(len(absent))
@@ -502,10 +537,18 @@ class SpanManager:
             self._settle(load)
 
     async def _inflate_from_disk(self, spans: list[int]) -> dict[int, bytes]:
-        _good, bad, inflated = await trio.to_thread.run_sync(self._disk_job, spans, True)
-        for s in bad:
+        return (await self._from_disk(spans, True, to_memory=False)).inflated
+
+    async def _from_disk(
+        self, spans: list[int], inflate: bool, *, to_memory: bool = True
+    ) -> _DiskResult:
+        res = await trio.to_thread.run_sync(self._disk_job, spans, inflate)
+        for s in res.stale:
+            self._inflated.pop(s, None)
+        self._apply(res.good, res.inflated if to_memory else {})
+        for s in res.bad:
             self._mark_absent(s)
-        return inflated
+        return res
 
     # -------------------------------------------------------------- the network
 
@@ -640,27 +683,77 @@ class SpanManager:
             out[s] = bytes(plain[u_start - u_base : u_end - u_base])
         return out
 
-    def _disk_job(
-        self, spans: list[int], inflate: bool
-    ) -> tuple[list[int], list[int], dict[int, bytes]]:
-        good: list[int] = []
-        bad: list[int] = []
-        inflated: dict[int, bytes] = {}
-        for a, b in _runs(spans):
+    def _disk_job(self, spans: list[int], inflate: bool) -> _DiskResult:
+        res = _DiskResult()
+        todo = spans
+        if inflate and self._inflated:
+            todo = []
+            for s in spans:
+                plain = self._read_inflated(s)
+                if plain is not None:
+                    res.inflated[s] = plain
+                    continue
+                if s in self._inflated:
+                    res.stale.append(s)
+                (res.bad if self._state[s] == ABSENT else todo).append(s)
+        for a, b in _runs(todo):
             base = self._zinfo.compressed_bounds(a)[0]
             data = memoryview(self._cache.read(base, self._zinfo.compressed_bounds(b)[1]))
             flags = self._verify(a, b, data, base)
             run_bad = [s for s, ok in zip(range(a, b + 1), flags, strict=True) if not ok]
-            good.extend(s for s, ok in zip(range(a, b + 1), flags, strict=True) if ok)
-            bad.extend(run_bad)
+            res.good.extend(s for s, ok in zip(range(a, b + 1), flags, strict=True) if ok)
+            res.bad.extend(run_bad)
             if run_bad:
                 log.warning(
                     "layer %s: cached spans %s are damaged; refetching", self.digest, run_bad
                 )
             if inflate:
                 for x, y in _runs(s for s, ok in zip(range(a, b + 1), flags, strict=True) if ok):
-                    inflated.update(self._inflate(x, y, data, base))
-        return good, bad, inflated
+                    fresh = self._inflate(x, y, data, base)
+                    res.inflated.update(fresh)
+                    res.fresh.update(fresh)
+        return res
+
+    def _read_inflated(self, span: int) -> bytes | None:
+        digest = self._inflated.get(span)
+        if digest is None:
+            return None
+        start, end = self._zinfo.uncompressed_bounds(span)
+        try:
+            data = self._cache.read_inflated(start, end)
+        except (OSError, ValueError) as exc:
+            log.warning("layer %s: cannot read decompressed span %d: %s", self.digest, span, exc)
+            return None
+        if hashlib.sha256(data).hexdigest() != digest:
+            log.warning("layer %s: decompressed span %d is damaged on disk", self.digest, span)
+            return None
+        return data
+
+    # ------------------------------------------------ decompressed spans on disk
+
+    def _persist_job(self, spans: dict[int, bytes]) -> dict[int, str]:
+        """Store decompressed spans that fit under the cache bound; their digests."""
+        kept: dict[int, str] = {}
+        if not self._cache.fits(sum(len(d) for d in spans.values())):
+            if not self._inflated_full_reported:
+                self._inflated_full_reported = True
+                log.info(
+                    "layer %s: the cache bound leaves no room for decompressed spans; "
+                    "they are inflated again when read again",
+                    self.digest,
+                )
+            return kept
+        for s, data in sorted(spans.items()):
+            digest = hashlib.sha256(data).hexdigest()
+            try:
+                self._cache.write_inflated(s, self._zinfo.uncompressed_bounds(s)[0], data, digest)
+            except (OSError, ValueError) as exc:
+                if not self._cache_write_failed:
+                    self._cache_write_failed = True
+                    log.warning("layer %s: cannot write the span cache: %s", self.digest, exc)
+                break
+            kept[s] = digest
+        return kept
 
     def _store_job(
         self,
@@ -769,6 +862,47 @@ class SpanManager:
         if scope.cancelled_caught:
             self._check_open()
 
+    def claim_uninflated(self, max_bytes: int) -> SpanClaim | None:
+        """Reserve verified spans not yet kept decompressed on disk (≤ max_bytes of tar, ≥ one
+        span), once the whole layer is verified and if they fit under the cache bound."""
+        if not self._keep_inflated or self._closed or not self.layer_verified:
+            return None
+        spans: list[int] = []
+        total = 0
+        for s in range(len(self._state)):
+            if s in self._inflated or s in self._pending or self._state[s] != VERIFIED:
+                continue
+            lo, hi = self._zinfo.uncompressed_bounds(s)
+            if spans and total + hi - lo > max_bytes:
+                break
+            spans.append(s)
+            total += hi - lo
+        if not spans or not self._cache.fits(total):
+            return None
+        return SpanClaim(spans, 0, self._register(spans))
+
+    async def inflate(self, claim: SpanClaim) -> None:
+        """Keep claimed spans decompressed on disk, inflated from their verified bytes; the
+        memory cache is left alone (nobody is reading them)."""
+        self._check_open()
+        with trio.CancelScope() as scope, self._busy_section():
+            self._fill_scopes.add(scope)
+            try:
+                res = await trio.to_thread.run_sync(self._disk_job, claim.spans, True)
+                for s in res.bad:
+                    self._mark_absent(s)
+                kept = await trio.to_thread.run_sync(self._persist_job, res.fresh)
+                self._inflated.update(kept)
+            finally:
+                self._fill_scopes.discard(scope)
+        if scope.cancelled_caught:
+            self._check_open()
+
+    @property
+    def inflated_spans(self) -> int:
+        """Spans kept decompressed on disk."""
+        return len(self._inflated)
+
     def release(self, claim: SpanClaim) -> None:
         """Give up a claim that was not (fully) filled; idempotent."""
         if not claim._load.done.is_set():
@@ -797,6 +931,7 @@ class SpanManager:
             got,
         )
         self._cache.clear()
+        self._inflated.clear()
         for s in range(len(self._state)):
             self._mark_absent(s)
         return False
@@ -823,4 +958,5 @@ class SpanManager:
             "error": self._last_error,
             "spansFetched": self._verified,
             "spansTotal": len(self._state),
+            "spansInflated": len(self._inflated),
         }

@@ -46,14 +46,16 @@ async def mount(
     *,
     digest: str | None = None,
     register: bool = True,
+    inflated: bool = False,
+    memory: SpanMemoryCache | None = None,
 ) -> SpanManager:
     d = digest or lay.digest
     manager = SpanManager(
         d,
         lay.ztoc,
         source,
-        disk.open_layer(d, len(lay.blob)),
-        memory=SpanMemoryCache(16 << 20),
+        disk.open_layer(d, len(lay.blob), uncompressed_size=len(lay.tar) if inflated else None),
+        memory=SpanMemoryCache(16 << 20) if memory is None else memory,
         config=fetcher.config,
         activity=activity,
     )
@@ -83,6 +85,35 @@ async def test_fills_layer_and_verifies_it(tmp_path: Path) -> None:
         assert await m.read(0, len(lay.tar)) == lay.tar
         assert source.request_count == before
         await m.close()
+
+
+async def test_complete_layers_are_inflated_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lay = make_layer(5, span_size=16 << 10)
+    other = make_layer(6, span_size=16 << 10)
+    source = BlobRangeSource(lay.blob)
+    memory = SpanMemoryCache(16 << 20)
+    async with daemon(tmp_path) as (nursery, fetcher, disk, activity):
+        m = await mount(nursery, fetcher, disk, activity, lay, source, inflated=True, memory=memory)
+        await wait_for(lambda: m.inflated_spans == m.num_spans)
+        assert m.status()["state"] == "complete"
+        assert fetcher.spans_inflated == m.num_spans
+        assert memory.usage == 0  # nobody read them: the memory cache is left alone
+        assert next(tmp_path.glob("sha256-*/inflated")).read_bytes() == lay.tar
+        # A layer without the store is filled, never inflated.
+        o = await mount(nursery, fetcher, disk, activity, other, BlobRangeSource(other.blob))
+        await wait_for(lambda: o.status()["state"] == "complete")
+        await trio.sleep(0.1)
+        assert o.inflated_spans == 0 and fetcher.spans_inflated == m.num_spans
+
+        def no_inflate(*args: object) -> bytes:
+            raise AssertionError("a kept span was inflated again")
+
+        monkeypatch.setattr("snapshotter.fetch.spans.inflate_spans", no_inflate)
+        assert await m.read(0, len(lay.tar)) == lay.tar
+        await m.close()
+        await o.close()
 
 
 async def test_whole_layer_mismatch_drops_cache(tmp_path: Path) -> None:

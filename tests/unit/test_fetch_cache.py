@@ -120,3 +120,48 @@ def test_eviction_lru_and_in_use(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert restarted.usage() <= 3 * mib
     assert digest(4) in restarted.cached_layers()
     big.close()
+
+
+def test_inflated_store(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 30)
+    plain = cache.open_layer(digest(1), 100)
+    assert not plain.keeps_inflated and plain.inflated_spans() == {}
+    with pytest.raises(ValueError):
+        plain.write_inflated(0, 0, b"x", "0" * 64)
+    plain.close()
+    layer = cache.open_layer(digest(1), 100, uncompressed_size=1 << 20)
+    assert layer.keeps_inflated
+    data = b"y" * 5000
+    hexd = hashlib.sha256(data).hexdigest()
+    layer.write_inflated(2, 8192, data, hexd)
+    assert layer.inflated_spans() == {2: hexd}
+    assert layer.read_inflated(8191, 8192 + 5001) == b"\0" + data + b"\0"
+    with pytest.raises(ValueError):
+        layer.write_inflated(3, (1 << 20) - 10, data, hexd)
+    with pytest.raises(ValueError):
+        layer.read_inflated(0, (1 << 20) + 1)
+    # The decompressed bytes count against the bound.
+    usage = cache.usage()
+    assert usage >= 8192
+    assert layer.fits((1 << 30) - usage) and not layer.fits((1 << 30) - usage + 1)
+    layer.close()
+    # Torn or malformed log lines are skipped; the store survives a reopen.
+    log_file = tmp_path / layer_dir_name(digest(1)) / "inflated-spans"
+    with open(log_file, "ab") as f:
+        f.write(b"4 " + b"z" * 64 + b"\n5 abc\n6 " + hexd[:40].encode())
+    again = DiskCache(tmp_path, 1 << 30)
+    assert again.usage() >= usage  # measured at start, decompressed file included
+    layer = again.open_layer(digest(1), 100, uncompressed_size=1 << 20)
+    assert layer.inflated_spans() == {2: hexd}
+    with pytest.raises(FormatError):
+        again.open_layer(digest(1), 100, uncompressed_size=1 << 21)
+    layer.clear()
+    assert layer.inflated_spans() == {}
+    assert layer.read_inflated(8192, 8200) == bytes(8)
+    layer.close()
+    # A different tar size means a stale store: it starts over.
+    layer = again.open_layer(digest(1), 100, uncompressed_size=1 << 20)
+    layer.write_inflated(0, 0, data, hexd)
+    layer.close()
+    layer = again.open_layer(digest(1), 100, uncompressed_size=1 << 19)
+    assert layer.inflated_spans() == {}

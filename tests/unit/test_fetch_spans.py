@@ -73,15 +73,18 @@ async def open_manager(
     memory: SpanMemoryCache | None = None,
     disk: DiskCache | None = None,
     activity: ForegroundActivity | None = None,
+    inflated: bool = False,
 ) -> AsyncIterator[SpanManager]:
-    disk = disk or DiskCache(root, 1 << 30)
-    handle = disk.open_layer(lay.digest, len(lay.blob))
+    disk = DiskCache(root, 1 << 30) if disk is None else disk
+    handle = disk.open_layer(
+        lay.digest, len(lay.blob), uncompressed_size=len(lay.tar) if inflated else None
+    )
     manager = SpanManager(
         lay.digest,
         lay.ztoc,
         source,
         handle,
-        memory=memory or SpanMemoryCache(64 << 20),
+        memory=SpanMemoryCache(64 << 20) if memory is None else memory,
         config=config,
         activity=activity,
     )
@@ -408,3 +411,107 @@ async def test_status_and_bad_ztoc(tmp_path: Path) -> None:
             disk.open_layer(lay.digest, len(lay.blob)),
             memory=SpanMemoryCache(0),
         )
+
+
+async def inflate_all(m: SpanManager) -> None:
+    """What the background fetcher does: complete the layer, verify it, inflate it."""
+    with trio.fail_after(10):
+        while (missing := m.claim_missing(1 << 30)) is not None:
+            try:
+                await m.fill(missing)
+            finally:
+                m.release(missing)
+        assert await m.verify_layer()
+        while (claim := m.claim_uninflated(64 << 10)) is not None:
+            try:
+                await m.inflate(claim)
+            finally:
+                m.release(claim)
+
+
+async def test_inflated_spans_are_kept_and_read_back_without_inflating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lay = layer()
+    source = BlobRangeSource(lay.blob)
+    async with open_manager(lay, source, tmp_path, inflated=True) as m:
+        assert await m.read(0, len(lay.tar)) == lay.tar
+        assert m.inflated_spans == 0  # reads never wait on keeping copies
+        await inflate_all(m)
+        assert m.status()["spansInflated"] == m.num_spans
+    plain = next(tmp_path.glob("sha256-*/inflated"))
+    assert plain.read_bytes() == lay.tar
+
+    def no_inflate(*args: object) -> bytes:
+        raise AssertionError("a kept span was inflated again")
+
+    monkeypatch.setattr("snapshotter.fetch.spans.inflate_spans", no_inflate)
+    source2 = BlobRangeSource(lay.blob)
+    async with open_manager(lay, source2, tmp_path, inflated=True) as m:
+        assert await m.read(0, len(lay.tar)) == lay.tar
+    assert source2.request_count == 0
+
+
+async def test_damaged_inflated_span_is_not_served(tmp_path: Path) -> None:
+    lay = layer()
+    zi = zinfo(lay)
+    source = BlobRangeSource(lay.blob)
+    async with open_manager(lay, source, tmp_path, inflated=True) as m:
+        assert await m.read(0, len(lay.tar)) == lay.tar
+        await inflate_all(m)
+    lo, hi = zi.uncompressed_bounds(3)
+    plain = next(tmp_path.glob("sha256-*/inflated"))
+    with open(plain, "r+b") as f:
+        f.seek((lo + hi) // 2)
+        f.write(b"\xff\x00\xff")
+    source2 = BlobRangeSource(lay.blob)
+    async with open_manager(lay, source2, tmp_path, inflated=True) as m:
+        assert await m.read(lo, hi - lo) == lay.tar[lo:hi]
+        assert m.inflated_spans == m.num_spans - 1
+        await inflate_all(m)  # inflated again from the verified compressed bytes, and kept
+        assert m.inflated_spans == m.num_spans
+    assert source2.request_count == 0
+    assert plain.read_bytes()[lo:hi] == lay.tar[lo:hi]
+
+
+async def test_no_inflated_copies_beyond_the_cache_bound(tmp_path: Path) -> None:
+    lay = layer()
+    source = BlobRangeSource(lay.blob)
+    disk = DiskCache(tmp_path, len(lay.blob) + (64 << 10))
+    async with open_manager(lay, source, tmp_path, inflated=True, disk=disk) as m:
+        assert await m.read(0, len(lay.tar)) == lay.tar
+        await inflate_all(m)
+        assert m.inflated_spans == 0
+        assert disk.usage() <= disk.max_bytes
+        assert await m.read(0, len(lay.tar)) == lay.tar
+
+
+async def test_uncompressed_layers_keep_no_inflated_copy(tmp_path: Path) -> None:
+    lay = layer("tar")
+    source = BlobRangeSource(lay.blob)
+    async with open_manager(lay, source, tmp_path, inflated=True) as m:
+        assert await m.read(0, len(lay.tar)) == lay.tar
+        await inflate_all(m)
+        assert m.inflated_spans == 0
+    assert not next(tmp_path.glob("sha256-*/inflated-spans")).read_bytes()
+
+
+async def test_readahead_inflates_cached_spans_past_the_file_end(tmp_path: Path) -> None:
+    lay = layer()
+    zi = zinfo(lay)
+    source = BlobRangeSource(lay.blob)
+    memory = SpanMemoryCache(64 << 20)
+    config = FetchConfig(readahead_spans=2)
+    async with open_manager(lay, source, tmp_path, config=config, memory=memory) as m:
+        assert await m.read(0, len(lay.tar)) == lay.tar  # every span on disk
+        memory.discard_layer(lay.digest)
+        n = source.request_count
+        file_end = zi.uncompressed_bounds(0)[1] - 1
+        await m.read(0, 4096, readahead_until=file_end)
+        await m.read(4096, 4096, readahead_until=file_end)
+        # No network is involved, so the spans after the file are inflated ahead.
+        with trio.fail_after(5):
+            while (lay.digest, 2) not in memory:
+                await trio.sleep(0.005)
+        assert (lay.digest, 1) in memory and (lay.digest, 3) not in memory
+        assert source.request_count == n
