@@ -207,16 +207,21 @@ class BackgroundFetcher:
                 await manager.inflate(claim)
             self.spans_inflated += len(claim.spans)
         except (PysociError, OSError) as exc:
-            delay = self._back_off(manager)
-            log.warning(
-                "background inflate of layer %s failed (%s); retrying in %.0f s",
-                manager.digest,
-                exc,
-                delay,
-            )
+            self._failed(manager, "background inflate", exc)
         finally:
             manager.release(claim)
             self._inflating = False
+
+    def _failed(self, manager: SpanManager, what: str, exc: Exception) -> None:
+        delay = self._back_off(manager)
+        log.warning(
+            "%s of layer %s failed (%s); retrying in %.0f s",
+            what,
+            manager.digest,
+            exc,
+            delay,
+            extra={"layer": manager.digest},
+        )
 
     def _back_off(self, manager: SpanManager) -> float:
         previous = self._retry_at.get(manager)
@@ -231,13 +236,6 @@ class BackgroundFetcher:
                     self.layers_verified += 1
                     log.info("layer %s: fetched completely and verified", manager.digest)
         except (PysociError, OSError) as exc:
-            delay = self._back_off(manager)
-            log.warning(
-                "whole-layer check of %s failed (%s); retrying in %.0f s",
-                manager.digest,
-                exc,
-                delay,
-                extra={"layer": manager.digest},
-            )
+            self._failed(manager, "whole-layer check", exc)
         finally:
             self._verifying.discard(manager)
