@@ -193,7 +193,9 @@ def test_random_reads_while_the_background_fetcher_runs(
     files = image.files
     # Capped from the start (about 2.5 s for both layers), so the fill overlaps the reads.
     proxy.set_bandwidth(4_000_000)
-    do_mount(proxy, target, root, "[background_fetch]\nsilence_period_msec = 0")
+    # A memory cache of four spans: most reads load their spans from the disk cache.
+    config = "[background_fetch]\nsilence_period_msec = 0\n[cache]\nmemory_bytes = 262144"
+    do_mount(proxy, target, root, config)
     names = sorted(files)
     before = statuses(root)
     assert set(before) == set(image.digests.values())
@@ -224,6 +226,19 @@ def test_random_reads_while_the_background_fetcher_runs(
         assert status["error"] == "", (digest, status)
     # Everything is now served without the registry.
     proxy.down(True)
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    for name in names:
+        assert (target / name).read_bytes() == files[name], name
+    # Then the background keeps both layers decompressed on disk ([cache] keep_inflated): with
+    # their compressed bytes wiped, and no registry, every file still reads back right.
+    while not all(s["spansInflated"] == s["spansTotal"] for s in statuses(root).values()):
+        assert time.monotonic() < deadline, f"layers not kept inflated: {statuses(root)}"
+        time.sleep(0.2)
+    blobs = sorted(root.glob("cache/sha256-*/blob"))
+    assert len(blobs) == 2 and len(list(root.glob("cache/sha256-*/inflated"))) == 2
+    for blob in blobs:
+        with open(blob, "r+b") as f:
+            f.write(bytes(blob.stat().st_size))
     Path("/proc/sys/vm/drop_caches").write_text("3")
     for name in names:
         assert (target / name).read_bytes() == files[name], name
