@@ -43,6 +43,10 @@ class LayerData(Protocol):
 
     def status(self) -> dict[str, object]: ...
 
+    def header_checked(self, start: int, end: int) -> bool:
+        """Whether the tar header chain [start, end) is already known to match the zTOC."""
+        ...
+
 
 class FsError(PysociError):
     """The filesystem cannot do what the service asked."""
@@ -107,6 +111,8 @@ class MountedLayer:
     async def check_header(self, node: Node) -> None:
         """On a file's first read, check its tar header against the zTOC; EIO on mismatch."""
         ok = self.header_ok.get(node.ino)
+        if ok is None and self.data.header_checked(node.header_start, node.offset):
+            return
         while ok is None:
             pending = self.header_pending.get(node.ino)
             if pending is not None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from snapshotter.errors import TimestampError
 from snapshotter.soci.reader import clean_path
 from snapshotter.soci.rfc3339 import parse_rfc3339_nano
-from snapshotter.soci.tarheader import BLOCK_SIZE
+from snapshotter.soci.tarheader import header_starts
 from snapshotter.soci.ztoc import FileMetadata, Ztoc
 
 log = logging.getLogger(__name__)
@@ -146,19 +146,6 @@ def _mtime_ns(meta: FileMetadata) -> int:
 
 def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
-
-
-def header_starts(files: list[FileMetadata]) -> list[int]:
-    """Where each entry's tar header chain starts: the previous entry's end, block-aligned."""
-    order = sorted(range(len(files)), key=lambda i: files[i].uncompressed_offset)
-    starts = [0] * len(files)
-    end = 0
-    for i in order:
-        f = files[i]
-        starts[i] = -(-end // BLOCK_SIZE) * BLOCK_SIZE
-        data_size = f.uncompressed_size if f.type == "reg" else 0
-        end = max(end, f.uncompressed_offset + data_size)
-    return starts
 
 
 class _Builder:

@@ -472,3 +472,16 @@ def header_matches(meta: FileMetadata, buf: bytes, start: int, base: int = 0) ->
         and actual.gid == meta.gid
         and actual.linkname == meta.linkname
     )
+
+
+def header_starts(files: list[FileMetadata]) -> list[int]:
+    """Where each entry's tar header chain starts: the previous entry's end, block-aligned."""
+    order = sorted(range(len(files)), key=lambda i: files[i].uncompressed_offset)
+    starts = [0] * len(files)
+    end = 0
+    for i in order:
+        f = files[i]
+        starts[i] = -(-end // BLOCK_SIZE) * BLOCK_SIZE
+        data_size = f.uncompressed_size if f.type == "reg" else 0
+        end = max(end, f.uncompressed_offset + data_size)
+    return starts

@@ -13,9 +13,9 @@ import tracemalloc
 import pytest
 
 from snapshotter.compression.detect import Compression
-from snapshotter.fs.tree import LayerTree, Node, build_tree, header_starts
+from snapshotter.fs.tree import LayerTree, Node, build_tree
 from snapshotter.soci.build import build_ztoc
-from snapshotter.soci.tarheader import header_matches
+from snapshotter.soci.tarheader import header_matches, header_starts
 from snapshotter.soci.ztoc import FileMetadata, Ztoc
 
 T0 = "2021-03-04T05:06:07.123456789Z"
