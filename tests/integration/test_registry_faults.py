@@ -180,6 +180,7 @@ async def test_passthrough_counts_and_uploads(
     )
     desc, raw = await client.get_manifest(ref)
     assert raw == image.manifest and desc.digest == digest_of(image.manifest)
+    assert proxy.wait_idle()  # the proxy logs a request after its last byte went out
     assert proxy.stats.count("GET", "manifest") == 1
 
 
