@@ -918,6 +918,8 @@ class SpanManager:
                     self._headers_checked[s] = 1
                 for s in res.inflated:
                     self._background_done[s] = 1
+                if all(self._background_done):
+                    self._header_index = None  # about 50 B per file, needed no more
             finally:
                 self._fill_scopes.discard(scope)
         if scope.cancelled_caught:
