@@ -347,6 +347,20 @@ class SpanManager:
             raise LayerClosedError(f"layer {self.digest} is closed")
 
     @contextmanager
+    def _background_section(self) -> Iterator[None]:
+        """A background job on this layer: busy, and cancelled by `close()` (then raising
+        LayerClosedError, not returning as if the job were done)."""
+        self._check_open()
+        with trio.CancelScope() as scope, self._busy_section():
+            self._fill_scopes.add(scope)
+            try:
+                yield
+            finally:
+                self._fill_scopes.discard(scope)
+        if scope.cancelled_caught:
+            self._check_open()
+
+    @contextmanager
     def _busy_section(self) -> Iterator[None]:
         self._busy += 1
         try:
@@ -860,15 +874,8 @@ class SpanManager:
 
     async def fill(self, claim: SpanClaim) -> None:
         """Bring claimed spans to VERIFIED on disk (no inflate); errors are raised."""
-        self._check_open()
-        with trio.CancelScope() as scope, self._busy_section():
-            self._fill_scopes.add(scope)
-            try:
-                await self._load(claim._load, inflate=False, foreground=False)
-            finally:
-                self._fill_scopes.discard(scope)
-        if scope.cancelled_caught:
-            self._check_open()
+        with self._background_section():
+            await self._load(claim._load, inflate=False, foreground=False)
 
     def claim_uninflated(self, max_bytes: int) -> SpanClaim | None:
         """Reserve verified spans the background has not processed yet (≤ max_bytes of tar,
@@ -901,29 +908,22 @@ class SpanManager:
         """Keep claimed spans decompressed on disk, inflated from their verified bytes, and
         check every tar header chain lying inside them against the zTOC, so reads need not;
         the memory cache is left alone (nobody is reading them)."""
-        self._check_open()
-        with trio.CancelScope() as scope, self._busy_section():
-            self._fill_scopes.add(scope)
-            try:
-                res = await trio.to_thread.run_sync(self._disk_job, claim.spans, True)
-                for s in res.stale:
-                    self._inflated.pop(s, None)
-                for s in res.bad:
-                    self._mark_absent(s)
-                kept, checked = await trio.to_thread.run_sync(
-                    self._background_job, res.inflated, res.fresh
-                )
-                self._inflated.update(kept)
-                for s in checked:
-                    self._headers_checked[s] = 1
-                for s in res.inflated:
-                    self._background_done[s] = 1
-                if all(self._background_done):
-                    self._header_index = None  # about 50 B per file, needed no more
-            finally:
-                self._fill_scopes.discard(scope)
-        if scope.cancelled_caught:
-            self._check_open()
+        with self._background_section():
+            res = await trio.to_thread.run_sync(self._disk_job, claim.spans, True)
+            for s in res.stale:
+                self._inflated.pop(s, None)
+            for s in res.bad:
+                self._mark_absent(s)
+            kept, checked = await trio.to_thread.run_sync(
+                self._background_job, res.inflated, res.fresh
+            )
+            self._inflated.update(kept)
+            for s in checked:
+                self._headers_checked[s] = 1
+            for s in res.inflated:
+                self._background_done[s] = 1
+            if all(self._background_done):
+                self._header_index = None  # about 50 B per file, needed no more
 
     def header_checked(self, start: int, end: int) -> bool:
         """Whether the tar header chain [start, end) lies in one span whose headers the
