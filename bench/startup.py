@@ -256,20 +256,16 @@ class Container:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.cd.ctr("task", "kill", "-s", "SIGKILL", self.cid, check=False, timeout=30)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.kill(wait=30)
         self.reader.join(10)
 
-    def kill(self) -> None:
+    def kill(self, wait: float = 20) -> None:
+        """SIGKILL the task through containerd; kill `ctr run` itself if that does not end it."""
         if self.proc.poll() is None:
             with contextlib.suppress(Exception):
                 self.cd.ctr("task", "kill", "-s", "SIGKILL", self.cid, check=False, timeout=30)
             try:
-                self.proc.wait(20)
+                self.proc.wait(wait)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
