@@ -176,6 +176,12 @@ def status_error(status: int, body: bytes, what: str, host: str) -> RegistryErro
         return RegistryNotFoundError(f"{what}: not found on {host} ({detail})")
     if is_retryable_status(status):
         return RegistryUnavailableError(f"{what}: {host} kept failing ({detail})")
+    if status == 400 and b"HTTP request to an HTTPS server" in body:
+        # Go's answer to cleartext on a TLS port (a loopback registry is plain HTTP by default).
+        return RegistryResponseError(
+            f"{what}: {host} speaks HTTPS, not plain HTTP: set "
+            f'server = "https://{host}" (and its CA) in its hosts.toml, or use --skip-verify'
+        )
     return RegistryResponseError(f"{what}: unexpected answer from {host} ({detail})")
 
 

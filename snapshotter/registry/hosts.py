@@ -16,13 +16,18 @@ Two sources, both optional:
 Order of endpoints: hosts.toml mirrors, then resolver mirrors, then the registry itself (or the
 hosts.toml `server`). Schemes: a URL's own scheme wins; a bare host is `https://`, except a
 resolver mirror with `insecure = true` (`http://`). The registry itself is `https://` unless
-`plain_http=True` (or `server` says `http://`); `docker.io` is served by
+`plain_http=True`, `server` says `http://`, or it is on the loopback (`localhost`, `127.0.0.0/8`,
+`[::1]`, any port: plain HTTP, as containerd's `docker.MatchLocalhost`, soci and stargz treat
+it) with no TLS setting for it (a CA, a client certificate, `skip_verify` in its hosts.toml or
+`skip_verify=True`); `docker.io` is served by
 `https://registry-1.docker.io`. `skip_verify=True` disables certificate checks for the registry
 itself only (like `plain_http`); mirrors keep their own settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import ssl
 import tomllib
@@ -165,18 +170,12 @@ class RegistryHosts:
         resolver = self._config.resolver.host.get(registry)
         if resolver is not None:
             result.extend(self._resolver_mirror(m) for m in resolver.mirrors)
-        if server is None:
-            scheme = "http" if self._plain_http else "https"
-            server = DOCKER_HUB_SERVER if registry == DOCKER_HUB else f"{scheme}://{registry}"
         if self._skip_verify:
-            top = _HostSettings(
-                capabilities=top.capabilities,
-                skip_verify=True,
-                ca=top.ca,
-                client=top.client,
-                headers=top.headers,
-                override_path=top.override_path,
-            )
+            top = dataclasses.replace(top, skip_verify=True)
+        if server is None:
+            plain = self._plain_http or (is_loopback(registry) and not _speaks_tls(top))
+            scheme = "http" if plain else "https"
+            server = DOCKER_HUB_SERVER if registry == DOCKER_HUB else f"{scheme}://{registry}"
         result.append(self._endpoint(server, top, mirror=False, where=hosts_file))
         return result
 
@@ -266,6 +265,26 @@ class RegistryHosts:
                 raise ConfigError(f"{source}: cannot load client certificate {cert[0]}: {e}") from e
         self._contexts[key] = context
         return context
+
+
+def _speaks_tls(settings: _HostSettings) -> bool:
+    """Whether a host's settings only make sense over TLS."""
+    return bool(settings.ca or settings.client or settings.skip_verify)
+
+
+def is_loopback(authority: str) -> bool:
+    """Whether `host[:port]` names this machine: `localhost`, `127.0.0.0/8` or `[::1]`."""
+    host = authority.lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _authority_key(scheme: str, authority: str) -> str:

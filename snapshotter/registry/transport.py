@@ -127,8 +127,7 @@ class RetryTransport(httpx.AsyncBaseTransport):
                 if tls is not None:
                     # A certificate problem does not go away by asking again.
                     raise RegistryUnavailableError(
-                        f"{request.method} to {host}: TLS failed: {tls} (set the registry's CA "
-                        "in its hosts.toml, or skip_verify for a test registry)"
+                        f"{request.method} to {host}: TLS failed: {tls} ({_tls_hint(tls, host)})"
                     ) from None
                 if attempt >= retries:
                     raise RegistryUnavailableError(
@@ -186,6 +185,17 @@ def _tls_failure(exc: BaseException) -> str | None:
         if "CERTIFICATE_VERIFY_FAILED" in str(e):
             return str(e)
     return None
+
+
+def _tls_hint(tls: str, host: str) -> str:
+    """What would fix a failed TLS handshake."""
+    if "WRONG_VERSION_NUMBER" in tls or "record layer failure" in tls:
+        # The server answered the ClientHello in cleartext: it speaks plain HTTP.
+        return (
+            f"{host} seems to speak plain HTTP: use --plain-http, or "
+            f'server = "http://{host}" in its hosts.toml'
+        )
+    return "set the registry's CA in its hosts.toml, or skip_verify for a test registry"
 
 
 def _describe(exc: BaseException) -> str:

@@ -274,15 +274,26 @@ def test_tls_with_ca_from_hosts_toml_and_basic_auth(
         timeout=60,
     ).stdout
     assert json.loads(raw)["config"]["mediaType"] == SOCI_V1
-    # Without the CA the registry's certificate is refused, clearly.
+    # Without any hosts.toml a loopback registry is reached over plain HTTP (as containerd
+    # does): a TLS one says so, with what to set.
     res = pysoci(
         "create", ref, "--root", str(tmp_path / "r2"), "--user", f"alice:{PASSWORD}", ok=False
     )
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (
+        "speaks HTTPS" in res.stderr and f'server = "https://{basic_registry.host}"' in res.stderr
+    )
+    # With a hosts.toml saying https but no CA, the registry's certificate is refused, clearly.
+    (certs / basic_registry.host / "hosts.toml").write_text(
+        f'server = "https://{basic_registry.host}"\n'
+    )
+    res = pysoci("create", ref, *root, "--user", f"alice:{PASSWORD}", ok=False)
     assert (
         res.returncode == 1
         and "certificate" in res.stderr.lower()
         and "Traceback" not in res.stderr
     )
+    (certs / basic_registry.host / "hosts.toml").write_text(f'ca = "{pki.ca.cert_path}"\n')
     # Wrong credentials: an authentication error that does not echo the password.
     res = pysoci("create", ref, *root, "--user", "alice:wrong-pw", ok=False)
     assert res.returncode == 1 and "wrong-pw" not in res.stderr and "Traceback" not in res.stderr

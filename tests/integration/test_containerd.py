@@ -179,9 +179,9 @@ def rig(
 ) -> Iterator[tuple[Registry, Pysoci, Containerd, Path]]:
     tmp = tmp_path_factory.mktemp("containerd")
     reg = start_registry(tmp / "registry")
-    certs = tmp / "certs.d" / reg.host
-    certs.mkdir(parents=True)
-    (certs / "hosts.toml").write_text(f'server = "http://{reg.host}"\n')
+    # No hosts.toml at all: a registry on the loopback is plain HTTP for pysoci, as it is for
+    # containerd (`docker.MatchLocalhost`); the empty directory keeps the node's own out.
+    (tmp / "certs.d").mkdir()
     config = tmp / "pysoci.toml"
     # No background fetching: what was fetched is what the containers read.
     config.write_text(
@@ -408,6 +408,40 @@ def test_nerdctl_pull_and_run_lazily(
     fresh = layer_digests(cd, ref)[1]
     _assert_served_lazily(cd, pysoci, fresh)
     assert "found by v2-annotation" in pysoci.log.read_text()
+
+
+def test_loopback_registry_needs_no_hosts_toml(
+    rig: tuple[Registry, Pysoci, Containerd, Path], images: dict[str, str]
+) -> None:
+    """nerdctl with no hosts.toml anywhere and no --insecure-registry: containerd's side and
+    pysoci's both reach the 127.0.0.1 registry over plain HTTP, and the layer is lazy."""
+    reg, pysoci, cd, tmp = rig
+    assert not any((tmp / "certs.d").iterdir())
+    plain = _push(reg, tmp, "loopback", [_base_layer(), _fresh_layer("loopback")])
+    ref = f"{reg.host}/loopback:soci"
+    subprocess.run(
+        [PYSOCI, "convert", plain, ref, "--root", str(tmp / "loopback"), "-q"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    cd.nerdctl("--snapshotter", "soci", "pull", ref)
+    script = "print(len(open('/opt/loopback','rb').read()))"
+    out = cd.nerdctl(
+        "--snapshotter",
+        "soci",
+        "run",
+        "--rm",
+        "--net",
+        "none",
+        ref,
+        "/usr/bin/python3",
+        "-c",
+        script,
+    ).stdout
+    assert out.strip() == str(12 << 20)
+    _assert_served_lazily(cd, pysoci, layer_digests(cd, ref)[1])
+    assert "LAZY MOUNT FAILED" not in pysoci.log.read_text()
 
 
 def test_nerdctl_with_soci_index_digest(

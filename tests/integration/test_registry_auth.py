@@ -123,7 +123,8 @@ async def test_tls_verified_with_the_ca_from_hosts_toml(
 
 
 async def test_tls_without_the_ca_fails_clearly(tls_registry: Registry, tmp_path: Path) -> None:
-    hosts = RegistryHosts(Config(registry=RegistryConfig(config_path=str(tmp_path))))
+    # On the loopback, only a hosts.toml saying https makes pysoci try TLS.
+    hosts = hosts_with(tmp_path, tls_registry.host, f'server = "https://{tls_registry.host}"\n')
     (endpoint,) = hosts.endpoints(tls_registry.host, "pull")
     assert endpoint.verify is True
     async with httpx.AsyncClient(verify=endpoint.verify) as client:
@@ -135,6 +136,26 @@ async def test_tls_without_the_ca_fails_clearly(tls_registry: Registry, tmp_path
         chain.append(error)
         error = error.__cause__ or error.__context__
     assert any(isinstance(e, ssl.SSLCertVerificationError) for e in chain), chain
+
+
+async def test_tls_to_a_plain_http_registry_says_what_helps(tmp_path: Path) -> None:
+    """HTTPS to a registry that speaks plain HTTP: the error names --plain-http and the
+    hosts.toml server line, not a CA (the old hint helped nobody)."""
+    reg = start_registry(tmp_path / "plain")
+    try:
+        (tmp_path / "certs.d" / reg.host).mkdir(parents=True)
+        (tmp_path / "certs.d" / reg.host / "hosts.toml").write_text(
+            f'server = "https://{reg.host}"\n'
+        )
+        config = Config(registry=RegistryConfig(config_path=str(tmp_path / "certs.d")))
+        async with daemon_registry_client(config) as client:
+            with pytest.raises(RegistryUnavailableError) as info:
+                await client.get_manifest(parse_reference(f"{reg.host}/any/repo:tag"))
+        message = str(info.value)
+        assert "TLS failed" in message and "--plain-http" in message
+        assert f'server = "http://{reg.host}"' in message and "CA" not in message
+    finally:
+        reg.stop()
 
 
 async def test_tls_skip_verify(tls_registry: Registry, tmp_path: Path) -> None:

@@ -58,10 +58,68 @@ def test_plain_http_and_skip_verify_apply_to_the_registry_itself(tmp_path: Path)
         "https://mirror:5000/v2",
         "http://127.0.0.1:5000/v2",
     ]
-    hosts = hosts_in(tmp_path, {}, skip_verify=True)
-    mirror, own = hosts.endpoints("127.0.0.1:5000", "pull")
+    hosts = hosts_in(
+        tmp_path, {"registry.test": '[host."https://mirror:5000"]\n'}, skip_verify=True
+    )
+    mirror, own = hosts.endpoints("registry.test", "pull")
     assert mirror.verify is True
     assert own.verify is False
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost:5000",
+        "127.0.0.1",
+        "127.0.0.1:41483",
+        "127.1.2.3:80",
+        "[::1]:5000",
+        "[::1]",
+        "LOCALHOST:5000",
+    ],
+)
+def test_loopback_registries_are_plain_http_by_default(tmp_path: Path, host: str) -> None:
+    """As containerd's docker.MatchLocalhost (and soci, stargz): no hosts.toml needed."""
+    (own,) = hosts_in(tmp_path, {}).endpoints(host, "pull")
+    assert own.url == f"http://{host.lower()}"
+    assert own.verify is True  # not used for http, and never loosened
+
+
+@pytest.mark.parametrize(
+    "host", ["registry.test:5000", "127.example.com", "localhost.example", "10.0.0.1:5000", "[::2]"]
+)
+def test_other_registries_stay_https(tmp_path: Path, host: str) -> None:
+    (own,) = hosts_in(tmp_path, {}).endpoints(host, "pull")
+    assert own.url.startswith("https://")
+
+
+def test_hosts_toml_wins_over_the_loopback_default(tmp_path: Path, pki: Pki) -> None:
+    files = {
+        "127.0.0.1:5000": 'server = "https://127.0.0.1:5000"\n',
+        "127.0.0.1:5001": f'ca = "{pki.ca.cert_path}"\n',
+        "127.0.0.1:5002": 'server = "http://127.0.0.1:5002"\n[host."https://mirror:5000"]\n',
+    }
+    hosts = hosts_in(tmp_path, files)
+    assert urls(hosts.endpoints("127.0.0.1:5000", "pull")) == ["https://127.0.0.1:5000/v2"]
+    (with_ca,) = hosts.endpoints("127.0.0.1:5001", "pull")
+    assert with_ca.url == "https://127.0.0.1:5001"  # a CA for it says it speaks TLS
+    assert urls(hosts.endpoints("127.0.0.1:5002", "pull")) == [
+        "https://mirror:5000/v2",
+        "http://127.0.0.1:5002/v2",
+    ]
+    # A Docker-style certs directory with a CA says the same.
+    (tmp_path / "localhost:6000").mkdir()
+    (tmp_path / "localhost:6000" / "ca.crt").write_bytes(pki.ca.cert_path.read_bytes())
+    (own,) = hosts_in(tmp_path, {}).endpoints("localhost:6000", "pull")
+    assert own.url == "https://localhost:6000"
+    # skip_verify, in the file or as a flag, asks for TLS too.
+    (own,) = hosts_in(tmp_path, {"127.0.0.1:7000": "skip_verify = true\n"}).endpoints(
+        "127.0.0.1:7000", "pull"
+    )
+    assert (own.url, own.verify) == ("https://127.0.0.1:7000", False)
+    (own,) = hosts_in(tmp_path / "none", {}, skip_verify=True).endpoints("127.0.0.1:7001", "pull")
+    assert (own.url, own.verify) == ("https://127.0.0.1:7001", False)
 
 
 def test_mirror_order_capabilities_and_server(tmp_path: Path) -> None:
