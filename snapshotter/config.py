@@ -299,10 +299,12 @@ def load_config(path: Path | None = None) -> tuple[Config, list[str]]:
     return config, unknown
 
 
-def fetch_config(config: Config) -> FetchConfig:
-    """The span fetching settings, gathered from their sections."""
+def fetch_config(config: Config | None = None, **overrides: Any) -> FetchConfig:
+    """The span fetching settings, gathered from their sections (of the defaults when `config`
+    is None), with `overrides` by FetchConfig field name (tests, benchmarks)."""
+    config = config if config is not None else Config()
     bg, blob, tune = config.background_fetch, config.blob, config.fetch
-    return FetchConfig(
+    settings = FetchConfig(
         disable=bg.disable,
         silence_period_msec=bg.silence_period_msec,
         fetch_period_msec=bg.fetch_period_msec,
@@ -320,3 +322,4 @@ def fetch_config(config: Config) -> FetchConfig:
         background_rate_limit=tune.background_rate_limit,
         background_preempt=tune.background_preempt,
     )
+    return dataclasses.replace(settings, **overrides) if overrides else settings

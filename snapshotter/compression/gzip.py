@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterator
 from typing import Final
 
-from snapshotter.compression.indexer import LayerIndexResult
+from snapshotter.compression.layer_index import LayerIndexResult
 from snapshotter.compression.zlib import (
     DATA_TYPE_BITS_MASK,
     DATA_TYPE_BLOCK_END,

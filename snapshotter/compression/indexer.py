@@ -1,45 +1,16 @@
-"""One streaming pass over a layer blob → what a zTOC needs besides the TOC."""
+"""The layer indexer for each compression (gzip checkpoints, fixed spans for plain tar)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
 
 from snapshotter.compression.detect import Compression
+from snapshotter.compression.gzip import GzipCheckpointer
+from snapshotter.compression.layer_index import LayerIndexer, LayerIndexResult
 from snapshotter.errors import CompressionError
 from snapshotter.soci.zinfo import encode_tar_zinfo
 from snapshotter.soci.ztoc import CompressionAlgorithm
-
-
-@dataclass
-class LayerIndexResult:
-    """Checkpoints, span digests and sizes of one layer."""
-
-    algorithm: CompressionAlgorithm
-    zinfo_blob: bytes
-    span_digests: list[str]
-    compressed_size: int
-    uncompressed_size: int
-    span_size: int
-
-    @property
-    def max_span_id(self) -> int:
-        """The zTOC's `max_span_id`."""
-        return len(self.span_digests) - 1
-
-
-class LayerIndexer(Protocol):
-    """A streaming layer indexer: feed() every chunk (exhausting its iterator), then finish()."""
-
-    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
-        """Consume one chunk; yields the uncompressed data it produced."""
-        ...
-
-    def finish(self) -> LayerIndexResult:
-        """Validate the end of the layer and return its index."""
-        ...
 
 
 class UncompressedIndexer:
@@ -97,9 +68,6 @@ class UncompressedIndexer:
 
 def make_indexer(compression: Compression, span_size: int) -> LayerIndexer:
     """The indexer for a layer of this compression; zstd layers get no zTOC."""
-    # Imported here: gzip.py itself imports LayerIndexResult from this module.
-    from snapshotter.compression.gzip import GzipCheckpointer
-
     if compression is Compression.GZIP:
         return GzipCheckpointer(span_size)
     if compression is Compression.UNCOMPRESSED:

@@ -49,7 +49,6 @@ MAX_RESOLVED_MANIFEST_SIZE = 4 * 1024 * 1024
 ANNOTATION_CONTAINERD_IMAGE_NAME = "io.containerd.image.name"
 
 _TMP_PREFIX = ".tmp-"
-_CHUNK = 1024 * 1024
 # OCI image-layout ref.name grammar: components of alphanumerics joined by [-._:@+] or "--",
 # separated by "/".
 _COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"

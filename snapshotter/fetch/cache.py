@@ -349,11 +349,6 @@ class DiskCache:
         with self._lock:
             return sorted([*self._open, *self._closed_sizes])
 
-    def evict(self) -> int:
-        """Evict unused layers until under the bound; returns the bytes freed."""
-        with self._lock:
-            return self._evict_locked()
-
     def remove_layer(self, digest: str) -> bool:
         """Delete one layer's cache now; False if it is open."""
         with self._lock:

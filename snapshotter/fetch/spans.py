@@ -237,11 +237,11 @@ class SpanManager:
         cache: LayerCache,
         *,
         memory: SpanMemoryCache,
-        config: FetchConfig | None = None,
+        config: FetchConfig,
         activity: ForegroundActivity | None = None,
     ) -> None:
         self.digest = layer_digest
-        self.config = config or FetchConfig()
+        self.config = config
         self.activity = activity or ForegroundActivity()
         self._zinfo: Zinfo = decode_zinfo(
             ztoc.compression_algorithm,

@@ -21,7 +21,6 @@ import trio
 from snapshotter.fs.operations import LayerOperations
 from snapshotter.fs.table import (
     STATUS_DIR_INO,
-    STATUS_DIR_NAME,
     STATUS_SUFFIX,
     FsError,
     LayerData,
@@ -169,10 +168,6 @@ class FuseSession:
     def status(self, layer_id: str) -> dict[str, object]:
         """The layer's status (soci's keys plus the filesystem's read errors)."""
         return self.table.layer(layer_id).status()
-
-    def status_path(self, layer_id: str) -> Path:
-        """Where the status JSON of a layer can be read in the mount."""
-        return self.mountpoint / os.fsdecode(STATUS_DIR_NAME) / (layer_id + STATUS_SUFFIX)
 
 
 def set_read_ahead(mountpoint: Path, kib: int) -> None:

@@ -236,13 +236,6 @@ def digest_hasher(digest: str) -> hashlib._Hash:
     return hashlib.new(algorithm)
 
 
-def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
-    """The `<algorithm>:<hex>` digest of `data` (sha256 or sha512)."""
-    if algorithm not in _DIGEST_HEX_LENGTH:
-        raise ManifestError(f"unsupported digest algorithm {algorithm!r}")
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
 # --- platforms ----------------------------------------------------------------------------
 
 _PLATFORM_PART_RE = re.compile(r"[A-Za-z0-9_.-]+")

@@ -115,3 +115,19 @@ def test_blob_valid_interval() -> None:
     for bad in ("-1", "'60'", "1.5"):
         with pytest.raises(ConfigError, match=r"blob\.valid_interval"):
             parse_config(f"[blob]\nvalid_interval = {bad}\n")
+
+
+def test_fetch_settings_have_one_source_of_defaults() -> None:
+    """FetchConfig has no defaults of its own: fetch_config fills every field from Config."""
+    import dataclasses
+
+    from snapshotter.fetch.config import FetchConfig
+
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(FetchConfig))
+    settings, config = fetch_config(), Config()
+    assert settings.silence_period_msec == config.background_fetch.silence_period_msec
+    assert settings.cache_max_bytes == config.cache.max_bytes
+    assert settings.max_request_bytes == config.fetch.max_request_bytes
+    assert fetch_config(readahead_spans=0).readahead_spans == 0
+    with pytest.raises(TypeError):
+        fetch_config(no_such_setting=1)

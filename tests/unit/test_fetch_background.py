@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from snapshotter.config import fetch_config
 from snapshotter.fetch.background import BackgroundFetcher, TokenBucket
 from snapshotter.fetch.cache import DiskCache
 from snapshotter.fetch.config import FetchConfig
 from snapshotter.fetch.spans import ForegroundActivity, SpanManager, SpanMemoryCache
 from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer
 
-QUIET = FetchConfig(silence_period_msec=0, fetch_period_msec=20, readahead_spans=0)
+QUIET = fetch_config(silence_period_msec=0, fetch_period_msec=20, readahead_spans=0)
 
 
 @asynccontextmanager

@@ -16,6 +16,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from snapshotter.config import fetch_config
 from snapshotter.errors import (
     DigestMismatchError,
     FormatError,
@@ -34,7 +35,7 @@ from snapshotter.soci.tarheader import header_starts
 from snapshotter.soci.zinfo import decode_zinfo
 from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer
 
-NO_READAHEAD = FetchConfig(readahead_spans=0)
+NO_READAHEAD = fetch_config(readahead_spans=0)
 
 
 @functools.cache
@@ -218,7 +219,7 @@ async def test_readahead_on_sequential_reads(tmp_path: Path) -> None:
     lay = layer()
     zi = zinfo(lay)
     source = BlobRangeSource(lay.blob)
-    config = FetchConfig(readahead_spans=2)
+    config = fetch_config(readahead_spans=2)
     async with open_manager(lay, source, tmp_path, config=config) as m:
         await m.read(0, 4096)
         assert source.request_count == 1  # the first read is not known to be sequential
@@ -238,7 +239,7 @@ async def test_readahead_stops_at_the_end_of_the_file(tmp_path: Path) -> None:
     lay = layer()
     zi = zinfo(lay)
     source = BlobRangeSource(lay.blob)
-    config = FetchConfig(readahead_spans=2)
+    config = fetch_config(readahead_spans=2)
     async with open_manager(lay, source, tmp_path, config=config) as m:
         # A "file" that ends inside the first span: sequential reads of it fetch nothing more.
         file_end = zi.uncompressed_bounds(0)[1] - 1
@@ -324,7 +325,9 @@ async def test_close_wakes_waiting_readers(tmp_path: Path) -> None:
     source.gate = trio.Event()
     disk = DiskCache(tmp_path, 1 << 30)
     handle = disk.open_layer(lay.digest, len(lay.blob))
-    m = SpanManager(lay.digest, lay.ztoc, source, handle, memory=SpanMemoryCache(1 << 20))
+    m = SpanManager(
+        lay.digest, lay.ztoc, source, handle, memory=SpanMemoryCache(1 << 20), config=fetch_config()
+    )
     errors: list[BaseException] = []
 
     async def reader() -> None:
@@ -411,6 +414,7 @@ async def test_status_and_bad_ztoc(tmp_path: Path) -> None:
             source,
             disk.open_layer(lay.digest, len(lay.blob)),
             memory=SpanMemoryCache(0),
+            config=fetch_config(),
         )
 
 
@@ -502,7 +506,7 @@ async def test_readahead_inflates_cached_spans_past_the_file_end(tmp_path: Path)
     zi = zinfo(lay)
     source = BlobRangeSource(lay.blob)
     memory = SpanMemoryCache(64 << 20)
-    config = FetchConfig(readahead_spans=2)
+    config = fetch_config(readahead_spans=2)
     async with open_manager(lay, source, tmp_path, config=config, memory=memory) as m:
         assert await m.read(0, len(lay.tar)) == lay.tar  # every span on disk
         memory.discard_layer(lay.digest)

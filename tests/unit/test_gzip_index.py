@@ -18,11 +18,8 @@ from hypothesis import strategies as st
 
 from snapshotter.compression.detect import Compression
 from snapshotter.compression.gzip import GzipCheckpointer, inflate_span, inflate_spans
-from snapshotter.compression.indexer import (
-    LayerIndexResult,
-    UncompressedIndexer,
-    make_indexer,
-)
+from snapshotter.compression.indexer import UncompressedIndexer, make_indexer
+from snapshotter.compression.layer_index import LayerIndexResult
 from snapshotter.errors import CheckpointError, CompressionError
 from snapshotter.soci.zinfo import (
     WINDOW_SIZE,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from snapshotter.config import fetch_config
 from snapshotter.errors import DigestMismatchError
 from snapshotter.fetch.cache import DiskCache
-from snapshotter.fetch.config import FetchConfig
 from snapshotter.fetch.spans import SpanManager, SpanMemoryCache
 from snapshotter.logs import (
     ContextFilter,
@@ -127,7 +127,7 @@ async def test_span_manager_lines_carry_the_layer(
             source,
             DiskCache(tmp_path, 1 << 30).open_layer(lay.digest, len(lay.blob)),
             memory=SpanMemoryCache(1 << 20),
-            config=FetchConfig(readahead_spans=0),
+            config=fetch_config(readahead_spans=0),
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from snapshotter import metrics
-from snapshotter.config import HttpConfig
+from snapshotter.config import HttpConfig, fetch_config
 from snapshotter.errors import DigestMismatchError, RegistryUnavailableError
 from snapshotter.fetch.background import BackgroundFetcher
 from snapshotter.fetch.cache import DiskCache
@@ -28,8 +28,8 @@ from snapshotter.registry.client import status_error
 from snapshotter.registry.transport import RetryTransport
 from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer
 
-NO_READAHEAD = FetchConfig(readahead_spans=0)
-QUIET = FetchConfig(silence_period_msec=0, fetch_period_msec=20, readahead_spans=0)
+NO_READAHEAD = fetch_config(readahead_spans=0)
+QUIET = fetch_config(silence_period_msec=0, fetch_period_msec=20, readahead_spans=0)
 
 
 def value(name: str, **labels: str) -> float:
@@ -141,7 +141,7 @@ async def test_fetch_timeout_is_counted(tmp_path: Path) -> None:
     source = BlobRangeSource(lay.blob)
     source.gate = trio.Event()
     before = value("pysoci_registry_errors_total", kind="timeout")
-    config = FetchConfig(readahead_spans=0, fetching_timeout_sec=0)
+    config = fetch_config(readahead_spans=0, fetching_timeout_sec=0)
     async with running(lay, source, DiskCache(tmp_path, 1 << 30), config=config) as m:
         with pytest.raises(RegistryUnavailableError):
             await m.read(0, 100)
@@ -179,7 +179,7 @@ async def test_preemption_is_counted(tmp_path: Path) -> None:
     lay = layer(13)
     source = BlobRangeSource(lay.blob, latency=0.2)
     activity = ForegroundActivity()
-    config = FetchConfig(
+    config = fetch_config(
         silence_period_msec=0,
         fetch_period_msec=20,
         readahead_spans=0,
