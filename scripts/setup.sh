@@ -16,6 +16,7 @@ APT_PACKAGES=(
   golang-github-containerd-containerd-dev  # containerd's API protos (reference for proto/)
   docker-registry        # the real registry the registry tests run against
   systemd                # systemd-analyze verify and systemd-socket-activate (unit tests)
+  zlib1g-dev             # soci-snapshotter's zTOC code links libz through cgo (go-tools.sh)
 )
 
 missing=()
@@ -52,6 +53,10 @@ if ! command -v nerdctl >/dev/null 2>&1; then
     exit 1
   fi
 fi
+
+# The real soci-snapshotter v0.16.1 and the containerd 1.7 it needs (interop tests, bench),
+# under /opt/pysoci-go; cached, so this costs nothing once built.
+scripts/go-tools.sh
 
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
