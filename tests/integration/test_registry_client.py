@@ -30,7 +30,8 @@ from snapshotter.errors import (
     RegistryResponseError,
     RegistryUnavailableError,
 )
-from snapshotter.registry.client import RegistryClient, parse_multipart_byteranges
+from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.ranges import parse_multipart_byteranges
 from snapshotter.registry.reference import parse_reference
 from snapshotter.registry.transport import backoff_seconds, retry_after_seconds
 from snapshotter.soci.oci import (
@@ -134,9 +135,17 @@ async def test_push_pull_blob_monolithic(registry: Registry, client: RegistryCli
         await client.read_blob(ref, digest, max_size=len(data) - 1)
 
 
-async def test_push_chunked_and_mount(registry: Registry, client: RegistryClient) -> None:
-    client.MONOLITHIC_UPLOAD_LIMIT = 1 << 20
-    client.UPLOAD_CHUNK_SIZE = 1 << 20
+async def test_push_chunked_and_mount(registry: Registry, tmp_path: Path) -> None:
+    async with RegistryClient(
+        make_config(tmp_path),
+        plain_http=True,
+        monolithic_upload_limit=1 << 20,
+        upload_chunk_size=1 << 20,
+    ) as client:
+        await push_chunked_and_mount(registry, client)
+
+
+async def push_chunked_and_mount(registry: Registry, client: RegistryClient) -> None:
     ref = parse_reference(f"{registry.host}/pysoci/chunked:x")
     data = os.urandom(2_500_000)
     digest = digest_of(data)
@@ -215,7 +224,7 @@ async def test_ranges_on_distribution(registry: Registry, client: RegistryClient
     assert await client.fetch_ranges(ref, digest, asked) == [data[s:e] for s, e in asked]
     # distribution 2.8 (filesystem driver, Go's ServeContent) answers multipart/byteranges,
     # so the client never had to fall back to single ranges.
-    assert not client._single_range_hosts
+    assert not client.ranges.single_range_hosts
     assert await client.fetch_ranges(ref, digest, []) == []
     with pytest.raises(RegistryResponseError):
         await client.fetch_ranges(ref, digest, [(199_990, 200_001)])

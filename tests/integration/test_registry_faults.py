@@ -151,13 +151,23 @@ def leaves(exc: BaseException) -> list[BaseException]:
 
 
 async def test_passthrough_counts_and_uploads(
+    proxy: FaultProxy, image: Image, tmp_path: Path
+) -> None:
+    async with RegistryClient(
+        make_config(tmp_path),
+        plain_http=True,
+        monolithic_upload_limit=1 << 20,
+        upload_chunk_size=400_000,
+    ) as client:
+        await passthrough_counts_and_uploads(proxy, client, image)
+
+
+async def passthrough_counts_and_uploads(
     proxy: FaultProxy, client: RegistryClient, image: Image
 ) -> None:
     ref = ref_via(proxy)
     # A chunked upload through the proxy: POST, PATCHes and the closing PUT all come back to
     # the proxy, because it keeps the client's Host header and the registry's Location uses it.
-    client.MONOLITHIC_UPLOAD_LIMIT = 1 << 20
-    client.UPLOAD_CHUNK_SIZE = 400_000
     data = os.urandom(1_100_000)
     assert await client.push_blob(ref, digest_of(data), len(data), chunks(data)) is True
     assert proxy.wait_idle()

@@ -24,8 +24,8 @@ from snapshotter.fetch.config import FetchConfig
 from snapshotter.fetch.spans import ForegroundActivity, SpanManager, SpanMemoryCache
 from snapshotter.fs.operations import LayerOperations, _translated
 from snapshotter.fs.table import FsOpError, MountTable
-from snapshotter.registry.client import status_error
 from snapshotter.registry.transport import RetryTransport
+from snapshotter.registry.wire import status_error
 from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer
 
 NO_READAHEAD = fetch_config(readahead_spans=0)

@@ -19,6 +19,6 @@ def test_both_clients_follow_the_config() -> None:
     cli = registry_client(args, config, [ref])
     node = daemon.registry_client(config)
     for client in (cli, node):
-        assert client._force_single_range is True
-    assert cli._hosts.endpoints("registry.test:5000", "pull")[0].url.startswith("http://")
-    assert node._hosts.endpoints("registry.test:5000", "pull")[0].url.startswith("https://")
+        assert client.ranges.force_single_range is True
+    assert cli.hosts.endpoints("registry.test:5000", "pull")[0].url.startswith("http://")
+    assert node.hosts.endpoints("registry.test:5000", "pull")[0].url.startswith("https://")
