@@ -24,7 +24,7 @@ import hashlib
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -57,6 +57,11 @@ _SEQUENTIAL_SLACK: Final = 1 << 20
 """A read starting this close to the previous read's end counts as sequential."""
 _MAX_ROUNDS: Final = 8
 """Loads a read may wait on before giving up (each round is a cancelled or evicted load)."""
+
+
+SpanObserver = Callable[[int, bytes], None]
+"""Called with (uncompressed offset, verified decompressed bytes) of a span, in the worker
+thread that has them; it must not touch trio (see `SpanManager.set_span_observer`)."""
 
 
 class RangeSource(Protocol):
@@ -284,6 +289,7 @@ class SpanManager:
         self._header_index: tuple[list[int], list[int]] | None = None
         """Header chain starts in tar order, and the zTOC entry of each (built when needed)."""
         self._pending: dict[int, _Load] = {}
+        self._observer: SpanObserver | None = None
         self._verified = 0
         self._verified_bytes = 0
         self._nursery: trio.Nursery | None = None
@@ -391,6 +397,12 @@ class SpanManager:
     def foreground_waiting(self) -> int:
         """Reads of this layer currently waiting on the network."""
         return self._waiting
+
+    def set_span_observer(self, observer: SpanObserver | None) -> None:
+        """Hand every span this manager decompresses (or reads back decompressed) to
+        `observer`, in the worker thread doing it, before the span is served: the filesystem
+        checks the tar headers inside. The manager itself knows nothing of tar."""
+        self._observer = observer
 
     async def read(self, offset: int, length: int, *, readahead_until: int | None = None) -> bytes:
         """Uncompressed layer bytes [offset, offset + length), clipped at the layer's end.
@@ -703,7 +715,17 @@ class SpanManager:
         for s in range(first, last + 1):
             u_start, u_end = self._zinfo.uncompressed_bounds(s)
             out[s] = bytes(plain[u_start - u_base : u_end - u_base])
+            self._observe(u_start, out[s])
         return out
+
+    def _observe(self, start: int, data: bytes) -> None:
+        observer = self._observer
+        if observer is None:
+            return
+        try:
+            observer(start, data)
+        except Exception:  # an observer's bug must not fail the read that fed it
+            log.exception("layer %s: the span observer failed", self.digest)
 
     def _disk_job(self, spans: list[int], inflate: bool) -> _DiskResult:
         res = _DiskResult()
@@ -714,6 +736,7 @@ class SpanManager:
                 plain = self._read_inflated(s)
                 if plain is not None:
                     res.inflated[s] = plain
+                    self._observe(self._zinfo.uncompressed_bounds(s)[0], plain)
                     continue
                 if s in self._inflated:
                     res.stale.append(s)

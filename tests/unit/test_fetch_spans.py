@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import random
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -549,3 +550,28 @@ async def test_background_checks_tar_headers_of_whole_spans(tmp_path: Path) -> N
             # Every chain inside one span is vouched for, except those sharing the liar's span.
             assert checked == (zi.span_of(starts[i]) != liar_span), (i, files[i].name)
         assert not m.header_checked(0, 0) and not m.header_checked(0, len(lay.tar) + 1)
+
+
+async def test_span_observer_sees_every_decompressed_span(tmp_path: Path) -> None:
+    lay = layer()
+    zi = zinfo(lay)
+    seen: dict[int, bytes] = {}
+    threads: set[bool] = set()
+
+    def observe(start: int, data: bytes) -> None:
+        threads.add(threading.current_thread() is threading.main_thread())
+        seen[start] = data
+
+    source = BlobRangeSource(lay.blob)
+    async with open_manager(lay, source, tmp_path, inflated=True) as m:
+        m.set_span_observer(observe)
+        mid = zi.uncompressed_bounds(1)[0] + 10
+        assert await m.read(mid, 100) == lay.tar[mid : mid + 100]
+        lo, hi = zi.uncompressed_bounds(1)
+        assert seen[lo] == lay.tar[lo:hi]  # the foreground fetch fed the observer
+        seen.clear()
+        await inflate_all(m)  # the background pass hands over every span too
+        assert sorted(seen) == [zi.uncompressed_bounds(s)[0] for s in range(zi.num_spans)]
+        for start, data in seen.items():
+            assert data == lay.tar[start : start + len(data)]
+    assert threads == {False}  # always in a worker thread, never trio's
