@@ -15,14 +15,13 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-import trio
-
 from snapshotter.errors import PysociError
+from snapshotter.fs.headers import HeaderVerifier
 from snapshotter.fs.tree import DEFAULT_DIR_MODE, DEFAULT_OPAQUE_XATTR, LayerTree, Node, build_tree
-from snapshotter.soci.tarheader import header_matches
 from snapshotter.soci.ztoc import Ztoc
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,9 @@ class LayerData(Protocol):
 
     def status(self) -> dict[str, object]: ...
 
-    def header_checked(self, start: int, end: int) -> bool:
-        """Whether the tar header chain [start, end) is already known to match the zTOC."""
+    def set_span_observer(self, observer: Callable[[int, bytes], None] | None) -> None:
+        """Call `observer(offset, data)` with each span's decompressed bytes, in the worker
+        thread that has them (the layer's header verifier checks the headers inside)."""
         ...
 
 
@@ -76,11 +76,10 @@ class MountedLayer:
     tree: LayerTree
     data: LayerData
     status_node: Node
+    verifier: HeaderVerifier
     closed: bool = False
     read_errors: int = 0
     last_error: str = ""
-    header_ok: dict[int, bool] = field(default_factory=dict)
-    header_pending: dict[int, trio.Event] = field(default_factory=dict)
 
     @property
     def name(self) -> bytes:
@@ -97,6 +96,7 @@ class MountedLayer:
             files=len(self.tree),
             readErrors=self.read_errors,
             lastReadError=self.last_error,
+            **self.verifier.status(),
         )
         return base
 
@@ -109,46 +109,22 @@ class MountedLayer:
         return FsOpError(errno.EIO, message)
 
     async def check_header(self, node: Node) -> None:
-        """On a file's first read, check its tar header against the zTOC; EIO on mismatch."""
-        ok = self.header_ok.get(node.ino)
-        if ok is None and self.data.header_checked(node.header_start, node.offset):
-            return
-        while ok is None:
-            pending = self.header_pending.get(node.ino)
-            if pending is not None:
-                await pending.wait()
-                ok = self.header_ok.get(node.ino)
-                if ok is None:  # that check could not fetch; try again ourselves
-                    continue
-                break
-            event = self.header_pending[node.ino] = trio.Event()
-            try:
-                ok = await self._read_header(node)
-                self.header_ok[node.ino] = ok
-            finally:
-                del self.header_pending[node.ino]
-                event.set()
-        if not ok:
-            raise FsOpError(errno.EIO, f"tar header of inode {node.ino} does not match the zTOC")
+        """Before a file's data is served, its tar header must match the zTOC; EIO if not."""
+        file_end = node.offset + node.size
 
-    async def _read_header(self, node: Node) -> bool:
-        meta = node.meta
-        assert meta is not None
-        length = node.offset - node.header_start
+        async def read_chain(offset: int, length: int) -> bytes:
+            # The data is read next: read ahead up to the file's end, not past it.
+            return await self.data.read(offset, length, readahead_until=file_end)
+
         try:
-            buf = await self.data.read(
-                node.header_start, length, readahead_until=node.offset + node.size
-            )
+            ok = await self.verifier.check(node.entry, read_chain)
         except PysociError as e:
-            raise self.fail(node, f"cannot read the tar header of {meta.name!r}: {e}") from e
-        if len(buf) == length and header_matches(meta, buf, 0, base=node.header_start):
-            return True
-        self.fail(
-            node,
-            f"tar header at {node.header_start} does not describe zTOC entry {meta.name!r} "
-            f"(data at {node.offset}): refusing to serve it",
-        )
-        return False
+            name = node.meta.name if node.meta is not None else node.ino
+            raise self.fail(node, f"cannot read the tar header of {name!r}: {e}") from e
+        if not ok:
+            self.read_errors += 1  # the verifier logged why
+            self.last_error = self.verifier.last_mismatch
+            raise FsOpError(errno.EIO, f"tar header of inode {node.ino} does not match the zTOC")
 
     async def read(self, node: Node, offset: int, size: int) -> bytes:
         """Up to `size` bytes of a regular file from `offset`."""
@@ -226,7 +202,15 @@ class MountTable:
         status_node.ino = self._next_ino
         tree = build_tree(ztoc, self._next_ino + 1, opaque_xattr=self.opaque_xattr)
         self._next_ino += 1 + len(tree)
-        layer = MountedLayer(layer_id, tree, data, status_node)
+        files = tree.files
+        verifier = HeaderVerifier(
+            layer_id,
+            tree.header_starts,
+            [f.uncompressed_offset for f in files],
+            files.__getitem__,
+        )
+        layer = MountedLayer(layer_id, tree, data, status_node, verifier)
+        data.set_span_observer(verifier.observe_span)
         status_node.mtime_ns = tree.root.mtime_ns = tree.root.mtime_ns or time.time_ns()
         self.layers[layer_id] = layer
         self._bases.append(tree.first_ino)  # allocation is monotonic, so this stays sorted
@@ -244,6 +228,7 @@ class MountTable:
         if layer is None:
             raise LayerNotMountedError(f"layer {layer_id!r} is not mounted")
         layer.closed = True
+        layer.data.set_span_observer(None)
         i = bisect.bisect_left(self._bases, layer.tree.first_ino)
         del self._bases[i]
         del self._by_base[layer.tree.first_ino]

@@ -44,6 +44,7 @@ class Node:
 
     __slots__ = (
         "children",
+        "entry",
         "gid",
         "header_start",
         "ino",
@@ -72,6 +73,8 @@ class Node:
         """Offset of a regular file's data in the uncompressed tar."""
         self.header_start = 0
         """Offset of the first block of a regular file's tar header chain."""
+        self.entry = -1
+        """Index of a regular file's zTOC entry."""
         self.meta: FileMetadata | None = None
         """The zTOC entry of a regular file (checked against its tar header on first read)."""
         self.target: bytes | None = None
@@ -98,9 +101,21 @@ class Node:
 class LayerTree:
     """The inodes of one layer, numbered from `first_ino` (the root) on."""
 
-    __slots__ = ("_nodes", "first_ino", "root", "total_size")
+    __slots__ = ("_nodes", "files", "first_ino", "header_starts", "root", "total_size")
 
-    def __init__(self, root: Node, nodes: list[Node], first_ino: int, total_size: int) -> None:
+    def __init__(
+        self,
+        root: Node,
+        nodes: list[Node],
+        first_ino: int,
+        total_size: int,
+        files: list[FileMetadata],
+        header_starts: list[int],
+    ) -> None:
+        self.files = files
+        """The zTOC entries (what header checks compare)."""
+        self.header_starts = header_starts
+        """Where each entry's tar header chain starts."""
         self.root = root
         self._nodes = nodes
         self.first_ino = first_ino
@@ -222,7 +237,7 @@ class _Builder:
             self.dirs[path] = node
         return True
 
-    def add(self, meta: FileMetadata, header_start: int) -> None:
+    def add(self, meta: FileMetadata, header_start: int, entry: int) -> None:
         path = clean_path(meta.name)
         if path == "/":
             if meta.type == "dir":
@@ -261,6 +276,7 @@ class _Builder:
             node.offset = meta.uncompressed_offset
             node.header_start = header_start
             node.meta = meta
+            node.entry = entry
         elif meta.type == "symlink":
             node.target = _encode(meta.linkname)
             node.size = len(node.target)
@@ -322,8 +338,8 @@ def build_tree(
     """Build the inode table of a layer from its zTOC, numbering inodes from `first_ino`."""
     b = _Builder(_encode(opaque_xattr))
     starts = header_starts(ztoc.files)
-    for meta, start in zip(ztoc.files, starts, strict=True):
-        b.add(meta, start)
+    for i, (meta, start) in enumerate(zip(ztoc.files, starts, strict=True)):
+        b.add(meta, start, i)
     nodes: list[Node] = []
     seen: set[int] = set()
     stack = [b.root]
@@ -341,4 +357,6 @@ def build_tree(
                     subdirs += 1
                 stack.append(child)
             node.nlink = 2 + subdirs
-    return LayerTree(b.root, nodes, first_ino, ztoc.uncompressed_archive_size)
+    return LayerTree(
+        b.root, nodes, first_ino, ztoc.uncompressed_archive_size, list(ztoc.files), starts
+    )

@@ -18,8 +18,8 @@ import re
 import struct
 from dataclasses import dataclass
 
-from snapshotter.errors import TarFormatError
-from snapshotter.soci.rfc3339 import format_rfc3339_nano
+from snapshotter.errors import TarFormatError, TimestampError
+from snapshotter.soci.rfc3339 import format_rfc3339_nano, parse_rfc3339_nano
 from snapshotter.soci.ztoc import FileMetadata
 
 BLOCK_SIZE = 512
@@ -452,26 +452,52 @@ def read_entry(buf: bytes, start: int) -> tuple[FileMetadata, int]:
 
 
 def header_matches(meta: FileMetadata, buf: bytes, start: int, base: int = 0) -> bool:
-    """Whether the header chain at `buf[start]` describes `meta`.
+    """Whether the header chain at `buf[start]` describes `meta` (see `header_mismatch`)."""
+    return header_mismatch(meta, buf, start, base) is None
+
+
+_COMPARED = ("name", "type", "uncompressed_size", "mode", "uid", "gid", "linkname")
+
+
+def header_mismatch(meta: FileMetadata, buf: bytes, start: int, base: int = 0) -> str | None:
+    """None if the header chain at `buf[start]` describes `meta`, else what differs.
 
     `base` is the tar stream offset of `buf[0]` (0 when `buf` is the stream from its
-    start). Compares name, type, size, mode, uid, gid, linkname and the data offset.
+    start). Compared: everything a filesystem shows of the entry — name, type, size, mode,
+    uid, gid, linkname, the data offset, the device numbers of devices, the mtime (as an
+    instant: builders may write other time zones) and the file xattrs (`SCHILY.xattr.*`).
     Malformed or truncated headers do not match.
     """
     try:
         actual, data_offset = read_entry(buf, start)
-    except TarFormatError:
-        return False
-    return (
-        base + data_offset == meta.uncompressed_offset
-        and actual.name == meta.name
-        and actual.type == meta.type
-        and actual.uncompressed_size == meta.uncompressed_size
-        and actual.mode == meta.mode
-        and actual.uid == meta.uid
-        and actual.gid == meta.gid
-        and actual.linkname == meta.linkname
-    )
+    except TarFormatError as e:
+        return f"no valid header there ({e})"
+    if base + data_offset != meta.uncompressed_offset:
+        return f"the entry's data starts at {base + data_offset}"
+    for name in _COMPARED:
+        got, want = getattr(actual, name), getattr(meta, name)
+        if got != want:
+            return f"{name} {got!r} in the tar, {want!r} in the zTOC"
+    if meta.type in ("char", "block") and (actual.devmajor, actual.devminor) != (
+        meta.devmajor,
+        meta.devminor,
+    ):
+        return (
+            f"device {actual.devmajor}:{actual.devminor} in the tar, "
+            f"{meta.devmajor}:{meta.devminor} in the zTOC"
+        )
+    if _instant(actual.mod_time) != _instant(meta.mod_time):
+        return f"mtime {actual.mod_time} in the tar, {meta.mod_time!r} in the zTOC"
+    if actual.xattrs != meta.xattrs:
+        return f"xattrs {sorted(actual.xattrs)} in the tar, {sorted(meta.xattrs)} in the zTOC"
+    return None
+
+
+def _instant(text: str) -> tuple[int, int] | None:
+    try:
+        return parse_rfc3339_nano(text)
+    except TimestampError:
+        return None
 
 
 def header_starts(files: list[FileMetadata]) -> list[int]:
