@@ -18,7 +18,6 @@ written from verified bytes.
 
 from __future__ import annotations
 
-import bisect
 import copy
 import hashlib
 import logging
@@ -43,7 +42,6 @@ from snapshotter.errors import (
 from snapshotter.fetch.cache import LayerCache
 from snapshotter.fetch.config import FetchConfig
 from snapshotter.logs import log_context
-from snapshotter.soci.tarheader import header_matches, header_starts
 from snapshotter.soci.zinfo import GzipZinfo, Zinfo, decode_zinfo
 from snapshotter.soci.ztoc import Ztoc
 
@@ -282,12 +280,9 @@ class SpanManager:
         if self._keep_inflated:
             self._inflated = {s: d for s, d in cache.inflated_spans().items() if s < n}
         self._inflated_full_reported = False
-        self._files = ztoc.files
         self._background_done = bytearray(n)
-        """Spans the background has inflated (and kept, room permitting) and header-checked."""
-        self._headers_checked = bytearray(n)
-        self._header_index: tuple[list[int], list[int]] | None = None
-        """Header chain starts in tar order, and the zTOC entry of each (built when needed)."""
+        """Spans the background has inflated (and kept, room permitting) and shown to the
+        span observer."""
         self._pending: dict[int, _Load] = {}
         self._observer: SpanObserver | None = None
         self._verified = 0
@@ -903,7 +898,7 @@ class SpanManager:
     def claim_uninflated(self, max_bytes: int) -> SpanClaim | None:
         """Reserve verified spans the background has not processed yet (≤ max_bytes of tar,
         ≥ one span), once the whole layer is verified: first spans already kept decompressed
-        (their tar headers are still to check), then spans to inflate if they fit under the
+        (still to show to the span observer), then spans to inflate if they fit under the
         cache bound."""
         if not self._keep_inflated or self._closed or not self.layer_verified:
             return None
@@ -929,58 +924,18 @@ class SpanManager:
 
     async def inflate(self, claim: SpanClaim) -> None:
         """Keep claimed spans decompressed on disk, inflated from their verified bytes, and
-        check every tar header chain lying inside them against the zTOC, so reads need not;
-        the memory cache is left alone (nobody is reading them)."""
+        show each to the span observer; the memory cache is left alone (nobody is reading
+        them)."""
         with self._background_section():
             res = await trio.to_thread.run_sync(self._disk_job, claim.spans, True)
             for s in res.stale:
                 self._inflated.pop(s, None)
             for s in res.bad:
                 self._mark_absent(s)
-            kept, checked = await trio.to_thread.run_sync(
-                self._background_job, res.inflated, res.fresh
-            )
+            kept = await trio.to_thread.run_sync(self._persist_job, res.fresh)
             self._inflated.update(kept)
-            for s in checked:
-                self._headers_checked[s] = 1
             for s in res.inflated:
                 self._background_done[s] = 1
-            if all(self._background_done):
-                self._header_index = None  # about 50 B per file, needed no more
-
-    def header_checked(self, start: int, end: int) -> bool:
-        """Whether the tar header chain [start, end) lies in one span whose headers the
-        background found matching the zTOC."""
-        if not 0 <= start < end <= self._usize:
-            return False
-        span = self._zinfo.span_of(start)
-        return bool(self._headers_checked[span]) and self._zinfo.span_of(end - 1) == span
-
-    def _background_job(
-        self, inflated: dict[int, bytes], fresh: dict[int, bytes]
-    ) -> tuple[dict[int, str], list[int]]:
-        return self._persist_job(fresh), self._check_headers(inflated)
-
-    def _check_headers(self, spans: dict[int, bytes]) -> list[int]:
-        """The spans in which every header chain lying wholly inside matches its zTOC entry."""
-        if self._header_index is None:
-            starts = header_starts(self._files)
-            order = sorted(range(len(starts)), key=starts.__getitem__)
-            self._header_index = ([starts[i] for i in order], order)
-        starts, order = self._header_index
-        good: list[int] = []
-        for s, data in spans.items():
-            lo, hi = self._zinfo.uncompressed_bounds(s)
-            i = bisect.bisect_left(starts, lo)
-            ok = True
-            while ok and i < len(starts) and starts[i] < hi:
-                meta = self._files[order[i]]
-                if meta.uncompressed_offset <= hi:
-                    ok = header_matches(meta, data, starts[i] - lo, base=lo)
-                i += 1
-            if ok:
-                good.append(s)
-        return good
 
     @property
     def inflated_spans(self) -> int:
@@ -1017,7 +972,6 @@ class SpanManager:
         self._cache.clear()
         self._inflated.clear()
         self._background_done = bytearray(len(self._state))
-        self._headers_checked = bytearray(len(self._state))
         for s in range(len(self._state)):
             self._mark_absent(s)
         return False

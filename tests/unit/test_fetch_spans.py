@@ -32,7 +32,6 @@ from snapshotter.fetch.spans import (
     SpanManager,
     SpanMemoryCache,
 )
-from snapshotter.soci.tarheader import header_starts
 from snapshotter.soci.zinfo import decode_zinfo
 from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer
 
@@ -521,35 +520,6 @@ async def test_readahead_inflates_cached_spans_past_the_file_end(tmp_path: Path)
                 await trio.sleep(0.005)
         assert (lay.digest, 1) in memory and (lay.digest, 3) not in memory
         assert source.request_count == n
-
-
-async def test_background_checks_tar_headers_of_whole_spans(tmp_path: Path) -> None:
-    lay = layer()
-    zi = zinfo(lay)
-    files = list(lay.ztoc.files)
-    starts = header_starts(files)
-    inside = [
-        i
-        for i, f in enumerate(files)
-        if zi.span_of(starts[i]) == zi.span_of(max(f.uncompressed_offset - 1, 0))
-    ]
-    assert len(inside) > 10
-    # A lying zTOC entry: its mode differs from its tar header.
-    liar = inside[len(inside) // 2]
-    liar_span = zi.span_of(starts[liar])
-    files[liar] = dataclasses.replace(files[liar], mode=files[liar].mode ^ 0o111)
-    lying = dataclasses.replace(layer().ztoc, files=files)
-    source = BlobRangeSource(lay.blob)
-    async with open_manager(
-        dataclasses.replace(lay, ztoc=lying), source, tmp_path, inflated=True
-    ) as m:
-        assert not m.header_checked(starts[0], files[0].uncompressed_offset)
-        await inflate_all(m)
-        for i in inside:
-            checked = m.header_checked(starts[i], files[i].uncompressed_offset)
-            # Every chain inside one span is vouched for, except those sharing the liar's span.
-            assert checked == (zi.span_of(starts[i]) != liar_span), (i, files[i].name)
-        assert not m.header_checked(0, 0) and not m.header_checked(0, len(lay.tar) + 1)
 
 
 async def test_span_observer_sees_every_decompressed_span(tmp_path: Path) -> None:
