@@ -13,6 +13,7 @@ from snapshotter.errors import DigestMismatchError, ManifestError, RegistryRespo
 from snapshotter.registry.hosts import Endpoint
 from snapshotter.registry.reference import Reference
 from snapshotter.registry.session import RegistrySession
+from snapshotter.registry.transport import is_retryable_status
 from snapshotter.registry.wire import (
     check_encoding,
     content_length,
@@ -68,7 +69,9 @@ class ManifestPuller:
             headers = {**endpoint.headers, "Accept": MANIFEST_ACCEPT}
             response = await self._session.send(client, "HEAD", url, headers=headers)
             await response.aclose()
-            if response.status_code in (401, 403, 404):
+            status = response.status_code
+            if status in (401, 403, 404) or is_retryable_status(status):
+                # (A 5xx was retried already: asking the same host with a GET would not help.)
                 await self._session.fail(response, what)
             if response.status_code != 200:
                 return None  # the GET gives the registry's error body

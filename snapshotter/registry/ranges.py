@@ -2,15 +2,29 @@
 
 Every piece returned has exactly the length asked for, or a typed error is raised; pieces are not
 checked against the blob digest (the span manager checks each span against its zTOC digest).
-A server that cannot do multi-range requests (400, 416, 501, a broken multipart answer) is
-asked one range at a time from then on; a server that ignores `Range` (200) is read only as far
-as the last byte needed.
+A server that cannot do multi-range requests (400, 416, 501, a broken multipart answer, or the
+whole blob in a 200) is asked one range per request from then on, several requests at once.
+Mirrors always are: pull-through caches that build their cache from ranges do not serve
+multi-range requests from it (nginx's slice cache answers them with the whole blob, 200), and
+learning that costs each node's first request a few slices of origin traffic.
+
+A server that ignores `Range` and answers 200 with the whole blob is never read further than the
+last byte needed, and only read at all when those bytes lie in its first PREFIX_READ_LIMIT bytes
+or when no other host is left: otherwise the answer is closed at once and the request goes to
+the next host of the list. A mirror that did this for a blob is passed over for that blob's
+ranges for RANGE_RETRY_SECONDS, doubling up to RANGE_RETRY_MAX each time it does it again, and
+asked again after that: a pull-through cache such as docker-registry's proxy mode answers 200 to
+a range of a blob it has not cached yet, stores the whole blob meanwhile (even when the client
+closes the answer), and serves ranges (206) from its cache once it has it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+
+import anyio
 
 from snapshotter.errors import RegistryResponseError
 from snapshotter.registry.hosts import Endpoint
@@ -28,11 +42,23 @@ from snapshotter.soci.oci import validate_digest
 log = logging.getLogger(__name__)
 
 MAX_RANGES_PER_REQUEST = 64
+MAX_PARALLEL_RANGES = 8
+"""Single-range requests of one `fetch_ranges` call in flight at once."""
+PREFIX_READ_LIMIT = 1 << 20
+"""A whole-blob answer to a range request is read if every byte needed lies in this prefix."""
+RANGE_RETRY_SECONDS = 5.0
+"""How long a mirror that answered a blob's range with the whole blob is passed over, at first."""
+RANGE_RETRY_MAX = 120.0
+MAX_REMEMBERED_BLOBS = 4096
 _MULTI_RANGE_REJECTED = frozenset({400, 416, 501})
 
 
 class _MultiRangeRejected(Exception):
     """The server cannot do multi-range requests: fall back to single ranges."""
+
+
+class _RangeIgnored(RegistryResponseError):
+    """A host answered a range request with the whole blob, and another host follows."""
 
 
 def _multipart_boundary(content_type: str) -> bytes | None:
@@ -115,12 +141,15 @@ def _extract(pieces: Sequence[tuple[int, bytes]], start: int, end: int) -> bytes
 
 
 class RangeFetcher:
-    """Range reads of one `RegistryClient`; remembers which hosts need single ranges."""
+    """Range reads of one `RegistryClient`; remembers which hosts need single ranges and which
+    mirrors answer a blob's ranges with the whole blob."""
 
     def __init__(self, session: RegistrySession, *, force_single_range: bool = False) -> None:
         self._session = session
         self._force_single_range = force_single_range
         self._single_range_hosts: set[str] = set()
+        self._ignored: dict[tuple[str, str], tuple[float, float]] = {}
+        """(endpoint URL, blob digest) → (monotonic time to ask again, current wait)."""
 
     @property
     def force_single_range(self) -> bool:
@@ -131,6 +160,20 @@ class RangeFetcher:
     def single_range_hosts(self) -> frozenset[str]:
         """Endpoint URLs found unable to serve multi-range requests."""
         return frozenset(self._single_range_hosts)
+
+    def passed_over(self, endpoint_url: str, digest: str) -> bool:
+        """Whether ranges of `digest` skip this endpoint now (it answered them with 200)."""
+        entry = self._ignored.get((endpoint_url, digest))
+        return entry is not None and entry[0] > time.monotonic()
+
+    def _note_ignored(self, endpoint: Endpoint, digest: str) -> float:
+        key = (endpoint.url, digest)
+        entry = self._ignored.get(key)
+        wait = RANGE_RETRY_SECONDS if entry is None else min(2 * entry[1], RANGE_RETRY_MAX)
+        if entry is None and len(self._ignored) >= MAX_REMEMBERED_BLOBS:
+            self._ignored.clear()
+        self._ignored[key] = (time.monotonic() + wait, wait)
+        return wait
 
     async def fetch_ranges(
         self, ref: Reference, digest: str, ranges: Sequence[tuple[int, int]]
@@ -150,14 +193,20 @@ class RangeFetcher:
         merged = _merge_ranges(wanted)
         what = f"blob {digest} of {ref.locator}"
 
-        async def op(endpoint: Endpoint) -> list[tuple[int, bytes]]:
-            single = self._force_single_range or endpoint.url in self._single_range_hosts
+        async def op(endpoint: Endpoint, fallback: bool) -> list[tuple[int, bytes]]:
+            single = (
+                self._force_single_range
+                or endpoint.mirror
+                or endpoint.url in self._single_range_hosts
+            )
             pieces: list[tuple[int, bytes]] = []
             if not single and len(merged) > 1:
                 try:
                     for i in range(0, len(merged), MAX_RANGES_PER_REQUEST):
                         batch = merged[i : i + MAX_RANGES_PER_REQUEST]
-                        pieces.extend(await self._range_request(endpoint, ref, digest, batch))
+                        pieces.extend(
+                            await self._range_request(endpoint, ref, digest, batch, fallback)
+                        )
                     return pieces
                 except _MultiRangeRejected as exc:
                     log.info(
@@ -167,11 +216,11 @@ class RangeFetcher:
                     )
                     self._single_range_hosts.add(endpoint.url)
                     pieces = []
-            for r in merged:
-                pieces.extend(await self._range_request(endpoint, ref, digest, [r]))
-            return pieces
+            return await self._single_ranges(endpoint, ref, digest, merged, fallback)
 
-        pieces = await self._session.with_endpoints(ref, "pull", what, op)
+        pieces = await self._session.try_endpoints(
+            ref, "pull", what, op, skip=lambda ep: self.passed_over(ep.url, digest)
+        )
         out = []
         for start, end in ranges:
             data = b"" if start == end else _extract(pieces, start, end)
@@ -180,13 +229,48 @@ class RangeFetcher:
             out.append(data)
         return out
 
+    async def _single_ranges(
+        self,
+        endpoint: Endpoint,
+        ref: Reference,
+        digest: str,
+        ranges: list[tuple[int, int]],
+        fallback: bool,
+    ) -> list[tuple[int, bytes]]:
+        """One request per range, MAX_PARALLEL_RANGES at a time; the first error cancels the
+        others and is raised as is (so the caller sees the typed error)."""
+        if len(ranges) == 1:
+            return await self._range_request(endpoint, ref, digest, ranges, fallback)
+        pieces: list[tuple[int, bytes]] = []
+        errors: list[Exception] = []
+        limiter = anyio.CapacityLimiter(MAX_PARALLEL_RANGES)
+        async with anyio.create_task_group() as group:
+
+            async def one(r: tuple[int, int]) -> None:
+                async with limiter:
+                    try:
+                        pieces.extend(
+                            await self._range_request(endpoint, ref, digest, [r], fallback)
+                        )
+                    except Exception as exc:
+                        errors.append(exc)
+                        group.cancel_scope.cancel()
+
+            for r in ranges:
+                group.start_soon(one, r)
+        if errors:
+            raise errors[0]
+        return pieces
+
     async def _range_request(
         self,
         endpoint: Endpoint,
         ref: Reference,
         digest: str,
         ranges: list[tuple[int, int]],
+        fallback: bool,
     ) -> list[tuple[int, bytes]]:
+        """One request for `ranges`; `fallback`: another host follows this one."""
         what = f"blob {digest} of {ref.locator}"
         multi = len(ranges) > 1
         low, high = ranges[0][0], ranges[-1][1]
@@ -205,6 +289,14 @@ class RangeFetcher:
                     await self._session.fail(response, what)
                 check_encoding(response, what)
                 if status == 200:
+                    if high > PREFIX_READ_LIMIT and (multi or (fallback and endpoint.mirror)):
+                        if multi:
+                            raise _MultiRangeRejected("HTTP 200 with the whole blob")
+                        wait = self._note_ignored(endpoint, digest)
+                        raise _RangeIgnored(
+                            f"{what}: {endpoint.host} answered a range with the whole blob"
+                            f" (HTTP 200); the next host serves its ranges for {wait:g} s"
+                        )
                     # The server ignored Range: read only as far as the last byte we need.
                     length = content_length(response, what)
                     if length is not None:
@@ -247,6 +339,7 @@ class RangeFetcher:
                             f"{what}: got {len(data)} bytes for Content-Range of {end - first}"
                         )
                     pieces = [(first, data)]
+                self._ignored.pop((endpoint.url, digest), None)
                 missing = [(s, e) for s, e in ranges if _extract(pieces, s, e) is None]
                 if missing:
                     if multi:

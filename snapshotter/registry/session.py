@@ -9,6 +9,7 @@ the jobs: the HTTP clients, the redirected blob URLs being reused and the blob s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,10 +20,10 @@ import anyio
 import httpx
 
 from snapshotter import metrics
-from snapshotter.config import Config
+from snapshotter.config import Config, HttpConfig
 from snapshotter.errors import (
+    FormatError,
     RegistryError,
-    RegistryNotFoundError,
     RegistryResponseError,
     RegistryUnavailableError,
 )
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_REDIRECTS = 5
+MIRROR_RETRIES = 1
+"""Retries of one request to a mirror (`[http] MaxRetries` is for the registry itself): the next
+host is a better retry than waiting out a mirror's backoff."""
+MIRROR_COOLDOWN = 10.0
+"""Seconds a mirror found unreachable is passed over before it is asked again."""
 USER_AGENT = "pysoci/0.1"
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -66,6 +72,7 @@ class RegistrySession:
         self._plain: httpx.AsyncClient | None = None
         self._redirects: dict[tuple[str, str, str], tuple[httpx.URL, float]] = {}
         self._blob_sizes: dict[str, int] = {}
+        self._mirror_down_until: dict[str, float] = {}
 
     @property
     def endpoint_count(self) -> int:
@@ -82,12 +89,14 @@ class RegistrySession:
         for client in clients:
             await client.aclose()
 
-    def _new_client(self, verify: object, auth: httpx.Auth | None) -> httpx.AsyncClient:
+    def _new_client(
+        self, verify: object, auth: httpx.Auth | None, http: HttpConfig
+    ) -> httpx.AsyncClient:
         inner = httpx.AsyncHTTPTransport(verify=verify, retries=0, trust_env=False)  # type: ignore[arg-type]
         return httpx.AsyncClient(
-            transport=RetryTransport(inner, self.http),
+            transport=RetryTransport(inner, http),
             auth=auth,
-            timeout=http_timeout(self.http),
+            timeout=http_timeout(http),
             follow_redirects=False,
             trust_env=False,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
@@ -98,14 +107,14 @@ class RegistrySession:
         key = (endpoint.url, endpoint.verify, endpoint.cert)
         client = self._clients.get(key)
         if client is None:
-            client = self._new_client(endpoint.verify, self._auth)
+            client = self._new_client(endpoint.verify, self._auth, self._http_for(endpoint))
             self._clients[key] = client
         return client
 
     def plain_client(self) -> httpx.AsyncClient:
         """The HTTP client without credentials, for redirect and upload targets elsewhere."""
         if self._plain is None:
-            self._plain = self._new_client(True, None)
+            self._plain = self._new_client(True, None, self.http)
         return self._plain
 
     def endpoints(self, ref: Reference, capability: str) -> list[Endpoint]:
@@ -180,6 +189,7 @@ class RegistrySession:
         self, what: str, endpoint: Endpoint | None, op: Callable[[], Awaitable[T]]
     ) -> T:
         """Run `op` (one request and its body) with the deadline, retrying body failures."""
+        http = self._http_for(endpoint)
         attempt = 0
         while True:
             try:
@@ -187,31 +197,82 @@ class RegistrySession:
                     return await op()
             except RETRYABLE_EXCEPTIONS as exc:
                 metrics.registry_error(metrics.transport_error_kind(exc))
-                if attempt >= self.http.MaxRetries:
+                if attempt >= http.MaxRetries:
                     raise RegistryUnavailableError(
                         f"{what}: failed after {attempt + 1} attempt(s): {type(exc).__name__}"
                     ) from None
                 log.debug("%s: %s, retrying", what, type(exc).__name__)
             except httpx.HTTPError as exc:
                 raise RegistryError(f"{what}: {type(exc).__name__}: {exc}") from None
-            await anyio.sleep(backoff_seconds(self.http, attempt))
+            await anyio.sleep(backoff_seconds(http, attempt))
             attempt += 1
 
+    def _http_for(self, endpoint: Endpoint | None) -> HttpConfig:
+        """The `[http]` budget of `endpoint`: a mirror gets at most MIRROR_RETRIES retries."""
+        if endpoint is not None and endpoint.mirror and self.http.MaxRetries > MIRROR_RETRIES:
+            return dataclasses.replace(self.http, MaxRetries=MIRROR_RETRIES)
+        return self.http
+
+    def mirror_down(self, endpoint: Endpoint) -> bool:
+        """Whether `endpoint` is a mirror that was unreachable less than MIRROR_COOLDOWN s ago."""
+        until = self._mirror_down_until.get(endpoint.url)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._mirror_down_until[endpoint.url]
+            return False
+        return True
+
     async def with_endpoints(
-        self, ref: Reference, capability: str, what: str, op: Callable[[Endpoint], Awaitable[T]]
+        self,
+        ref: Reference,
+        capability: str,
+        what: str,
+        op: Callable[[Endpoint], Awaitable[T]],
+        *,
+        skip: Callable[[Endpoint], bool] | None = None,
     ) -> T:
-        """Try `op` on each endpoint in order: next on unavailability or a mirror's 404."""
-        last: RegistryError | None = None
-        for endpoint in self.endpoints(ref, capability):
+        """`try_endpoints` for an `op` that need not know whether another host follows."""
+        return await self.try_endpoints(ref, capability, what, lambda ep, _: op(ep), skip=skip)
+
+    async def try_endpoints(
+        self,
+        ref: Reference,
+        capability: str,
+        what: str,
+        op: Callable[[Endpoint, bool], Awaitable[T]],
+        *,
+        skip: Callable[[Endpoint], bool] | None = None,
+    ) -> T:
+        """Try `op(endpoint, another_follows)` on each endpoint in order, as containerd does.
+
+        Like containerd's resolver and fetcher, a mirror that fails in any way (unreachable,
+        an error status, a missing object, an answer that is malformed or does not match its
+        digest) hands the request to the next host; the registry itself fails the request only
+        when it is unreachable and something follows it. A mirror found unreachable is skipped
+        for MIRROR_COOLDOWN seconds, and `skip` (never applied to the last endpoint) lets a job
+        pass over a host it knows cannot serve this request.
+        """
+        endpoints = self.endpoints(ref, capability)
+        plan = [
+            e
+            for i, e in enumerate(endpoints)
+            if i == len(endpoints) - 1 or not (self.mirror_down(e) or (skip and skip(e)))
+        ]
+        last: RegistryError | FormatError | None = None
+        for i, endpoint in enumerate(plan):
             try:
-                return await op(endpoint)
+                return await op(endpoint, i < len(plan) - 1)
             except RegistryUnavailableError as exc:
                 last = exc
-            except RegistryNotFoundError as exc:
+                if endpoint.mirror:
+                    self._mirror_down_until[endpoint.url] = time.monotonic() + MIRROR_COOLDOWN
+            except (RegistryError, FormatError) as exc:
                 if not endpoint.mirror:
                     raise
                 last = exc
-            log.info("%s: %s failed (%s), trying the next endpoint", what, endpoint.url, last)
+            if i < len(plan) - 1:
+                log.info("%s: %s failed (%s), trying the next host", what, endpoint.url, last)
         assert last is not None
         raise last
 
