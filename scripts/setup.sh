@@ -14,7 +14,8 @@ APT_PACKAGES=(
   containerd runc        # the real containerd 1.6 and runtime the snapshotter serves
   stargz-snapshotter     # ctr-remote: containerd's remote-snapshot pull
   golang-github-containerd-containerd-dev  # containerd's API protos (reference for proto/)
-  docker-registry        # the real registry the registry tests run against
+  docker-registry        # the real registry the registry tests run against (and its proxy mode)
+  nginx                  # a registry mirror caching byte ranges (slice module): fleet tests
   systemd                # systemd-analyze verify and systemd-socket-activate (unit tests)
   zlib1g-dev             # soci-snapshotter's zTOC code links libz through cgo (go-tools.sh)
 )
