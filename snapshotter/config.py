@@ -12,10 +12,14 @@ import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapshotter.errors import FormatError
 from snapshotter.fetch.config import FetchConfig
+from snapshotter.freespace import FreeSpaceReserve
+
+if TYPE_CHECKING:
+    from snapshotter.content.unpack import UnpackBounds
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,31 @@ class CacheConfig:
     keep_inflated: bool = True
     """Keep decompressed gzip spans on disk too, within max_bytes: once a layer is complete,
     the background fetcher inflates it, and later reads of any of its files inflate nothing."""
+    min_free_bytes: int = 1 << 30
+    min_free_percent: int = 10
+    """The free-space reserve of ROOT's filesystem, the larger of the two (pysoci's keys: soci
+    has none). The span cache stops growing and evicts unused layers before it would eat into
+    it (background fetching pauses; what containers read is served without being kept), and
+    local unpacks stop there. 10 % is where kubelet's default image GC (85 % used) has long
+    started removing images; 1 GiB keeps small disks out of trouble."""
+
+    def __post_init__(self) -> None:
+        if self.min_free_percent > 100:
+            raise ConfigError(f"cache.min_free_percent: at most 100, got {self.min_free_percent}")
+
+
+@dataclass(frozen=True)
+class UnpackConfig:
+    """`[unpack]` (pysoci): what a layer pysoci unpacks itself (no zTOC) may take on disk."""
+
+    max_expansion_ratio: int = 100
+    """At most this many times the layer's compressed size (0: no bound): real layers expand
+    2-5x (this project's benchmark images: 2.4x and 3.1x), gzip at most ~1030x, so a bomb is
+    stopped at a tenth of what gzip allows and a real layer has a margin of 20x or more.
+    Counted: blocks of file data allocated (holes of sparse files are free) plus 512 bytes per
+    other entry."""
+    expansion_floor_bytes: int = 1 << 30
+    """... but never less than this, so that small layers with a few zero-filled files pass."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +214,7 @@ class Config:
     background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
     blob: BlobConfig = field(default_factory=BlobConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    unpack: UnpackConfig = field(default_factory=UnpackConfig)
     fetch: FetchTuningConfig = field(default_factory=FetchTuningConfig)
     pull_modes: PullModesConfig = field(default_factory=PullModesConfig)
 
@@ -323,3 +353,21 @@ def fetch_config(config: Config | None = None, **overrides: Any) -> FetchConfig:
         background_preempt=tune.background_preempt,
     )
     return dataclasses.replace(settings, **overrides) if overrides else settings
+
+
+def free_space_reserve(config: Config | None = None) -> FreeSpaceReserve:
+    """The free-space reserve of ROOT's filesystem (`[cache] min_free_*`)."""
+    cache = (config or Config()).cache
+    return FreeSpaceReserve(cache.min_free_bytes, cache.min_free_percent)
+
+
+def unpack_bounds(config: Config | None = None) -> UnpackBounds:
+    """What a locally unpacked layer may take (`[unpack]`, and the free-space reserve)."""
+    from snapshotter.content.unpack import UnpackBounds  # keeps the config import light
+
+    config = config or Config()
+    return UnpackBounds(
+        config.unpack.max_expansion_ratio,
+        config.unpack.expansion_floor_bytes,
+        free_space_reserve(config),
+    )

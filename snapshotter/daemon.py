@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from snapshotter.config import Config
+from snapshotter.config import Config, unpack_bounds
 from snapshotter.content.discovery import Modes
 from snapshotter.content.local_layers import LocalLayers
 from snapshotter.layers import LazyLayers
@@ -84,7 +84,7 @@ async def _serve(
             remote = SociRemote(
                 client,
                 lazy,
-                LocalLayers(root / "layers"),
+                LocalLayers(root / "layers", bounds=unpack_bounds(config)),
                 bridge,
                 modes=Modes(
                     v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable

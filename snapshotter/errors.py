@@ -70,5 +70,10 @@ class RegistryResponseError(RegistryError, FormatError):
     """The registry answered something malformed or unexpected (wrong status, size, range)."""
 
 
+class ResourceLimitError(PysociError):
+    """An input needs more than a bound allows: a layer expanding past its bound on disk, or
+    a write that would eat into the filesystem's free-space reserve."""
+
+
 class LayerClosedError(PysociError):
     """The layer was unmounted (its span manager closed) while it was being read."""

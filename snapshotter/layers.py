@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import trio
 
-from snapshotter.config import Config, fetch_config
+from snapshotter.config import Config, fetch_config, free_space_reserve
 from snapshotter.errors import PysociError
 from snapshotter.fetch.background import BackgroundFetcher
 from snapshotter.fetch.cache import DiskCache, LayerCache
@@ -131,7 +131,9 @@ class LazyLayers:
             negative_timeout=config.fuse.negative_timeout,
             opaque_xattr=config.fuse.opaque_xattr,
         )
-        self.cache = DiskCache(cache_dir, self._fetch.cache_max_bytes)
+        self.cache = DiskCache(
+            cache_dir, self._fetch.cache_max_bytes, reserve=free_space_reserve(config)
+        )
         self.memory = SpanMemoryCache(self._fetch.memory_cache_bytes)
         self.activity = ForegroundActivity()
         self.background = BackgroundFetcher(self._fetch, self.activity)
@@ -144,7 +146,7 @@ class LazyLayers:
         in_flight = max(1, self._fetch.background_connections) * max(
             1, self._fetch.background_request_bytes
         )
-        room = self.cache.usage() + in_flight <= self.cache.max_bytes
+        room = self.cache.room_for(in_flight)
         if room == self._background_paused:
             self._background_paused = not room
             log.info(

@@ -9,6 +9,13 @@ it follows trio tasks spawned inside and `trio.from_thread`/`to_thread` calls:
 or for one line: `log.info("...", extra={"layer": digest})`. Credentials (Authorization
 headers, `user:password@` in URLs, token parameters, passwords in JSON) are redacted from
 every line, whatever the formatter.
+
+Formatting runs under the logging handler's lock, which every thread that logs needs, and a
+message may carry client input (a snapshot key, a filter): a message, field or traceback
+longer than `MAX_FIELD_CHARS` is cut in its middle first (`[… N characters cut …]`), and
+every redaction pattern runs in linear time (each can start a match only where a run of its
+characters begins, and none has nested or overlapping quantifiers), so a line costs
+O(`MAX_FIELD_CHARS`) whatever the input.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from typing import Any, Final, TextIO
 CONTEXT_FIELDS: Final = ("image", "layer", "snapshot")
 FORMATS: Final = ("text", "json")
 REDACTED: Final = "<redacted>"
+MAX_FIELD_CHARS: Final = 8192
+"""Longest message or field kept whole; longer ones keep their first and last halves."""
+MAX_EXCEPTION_CHARS: Final = 32768
+"""Longest traceback kept whole (its last lines, the exception itself, are kept)."""
 QUIET_LOGGERS: Final = ("httpx", "httpcore", "pyfuse3")
 """Libraries whose info lines would log every request (and URLs) at the daemon's level."""
 
@@ -67,8 +78,13 @@ _REDACTIONS: Final[tuple[tuple[re.Pattern[str], Any], ...]] = (
         ),
         _authorization,
     ),
-    # scheme://user:password@host
-    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/\s:@\"']+:[^/\s@\"']*@"), r"\1" + REDACTED + "@"),
+    # scheme://user:password@host. The look-behind lets a scheme start only where a run of
+    # scheme characters starts: without it, every letter of a long run of letters and digits
+    # starts a match that scans to the run's end (quadratic).
+    (
+        re.compile(r"(?i)(?<![a-z0-9+.-])([a-z][a-z0-9+.-]*://)[^/\s:@\"']+:[^/\s@\"']*@"),
+        r"\1" + REDACTED + "@",
+    ),
     # ?access_token=... &password=...
     (
         re.compile(
@@ -77,22 +93,40 @@ _REDACTIONS: Final[tuple[tuple[re.Pattern[str], Any], ...]] = (
         ),
         r"\1" + REDACTED,
     ),
-    # "password": "...", 'auth': '...', identitytoken="..."
+    # "password": "...", 'auth': '...', identitytoken="..." (the closing quote is not needed:
+    # a value cut short by `_shorten` is redacted too)
     (
         re.compile(
             r"(?i)([\"']?\b(?:password|passwd|secret|auth|identitytoken|registrytoken|"
-            r"access_token|refresh_token|token)[\"']?\s*[:=]\s*[\"'])[^\"']+([\"'])"
+            r"access_token|refresh_token|token)[\"']?\s*[:=]\s*[\"'])[^\"']+"
         ),
-        r"\1" + REDACTED + r"\2",
+        r"\1" + REDACTED,
     ),
 )
 
 
-def redact(text: str) -> str:
-    """`text` with anything that looks like a credential replaced by `<redacted>`."""
+_TOKEN_END: Final = re.compile(r"[\s\"',;&}]")
+
+
+def _redact_whole(text: str) -> str:
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def redact(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """`text` with anything that looks like a credential replaced by `<redacted>`; longer
+    than `limit` characters, its middle is cut out first (and said so)."""
+    if len(text) <= limit:
+        return _redact_whole(text)
+    half = limit // 2
+    head, tail = text[:half], text[len(text) - half :]
+    # The tail starts in the middle of a token: it is dropped (up to the first delimiter),
+    # so that the end of a secret whose keyword was cut away is not kept.
+    boundary = _TOKEN_END.search(tail)
+    tail = tail[boundary.start() :] if boundary else ""
+    cut = len(text) - len(head) - len(tail)
+    return f"{_redact_whole(head)} [… {cut} characters cut …]{_redact_whole(tail)}"
 
 
 # ----------------------------------------------------------------------------- formatters
@@ -132,9 +166,9 @@ class JsonFormatter(logging.Formatter):
                 continue
             out[key] = _jsonable(value)
         if record.exc_info:
-            out["exception"] = redact(self.formatException(record.exc_info))
+            out["exception"] = redact(self.formatException(record.exc_info), MAX_EXCEPTION_CHARS)
         elif record.exc_text:
-            out["exception"] = redact(record.exc_text)
+            out["exception"] = redact(record.exc_text, MAX_EXCEPTION_CHARS)
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
         return json.dumps(out, ensure_ascii=False, default=str)
@@ -163,7 +197,7 @@ class TextFormatter(logging.Formatter):
         if fields:
             head, nl, tail = line.partition("\n")
             line = f"{head} [{fields}]{nl}{tail}"
-        return redact(line)
+        return redact(line, MAX_EXCEPTION_CHARS if record.exc_info else MAX_FIELD_CHARS)
 
 
 def configure_logging(level: str | int, fmt: str = "json", stream: TextIO | None = None) -> None:

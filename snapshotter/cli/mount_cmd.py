@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from snapshotter.cli.registry_args import add_registry_options, registry_client
-from snapshotter.config import Config, load_config
+from snapshotter.config import Config, load_config, unpack_bounds
 from snapshotter.content.discovery import Modes
 from snapshotter.content.layout import OciLayout
 from snapshotter.content.local_layers import LocalLayers
@@ -100,7 +100,7 @@ async def _serve(args: argparse.Namespace, config: Config, ready: Any) -> None:
         layers = ImageLayers(
             client,
             lazy,
-            LocalLayers(root / "layers"),
+            LocalLayers(root / "layers", bounds=unpack_bounds(config)),
             modes=Modes(v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable),
             store=store,
         )

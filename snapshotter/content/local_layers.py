@@ -2,11 +2,18 @@
 
 Each layer is extracted once under `ROOT/layers/<hex of its digest>` (into a temporary
 directory, renamed into place when complete and its diffID verified) and shared by every
-image that uses it.
+image that uses it. `ROOT/layers` is 0700, as containerd keeps its snapshot roots: the trees
+inside keep the image's modes (setuid files, device nodes) and only root, which mounts them
+as overlay lower layers, reaches them.
+
+What a layer may take is bounded (`UnpackBounds`): a layer that would expand past its bound,
+or eat into the filesystem's free-space reserve (the download included), fails with a
+ResourceLimitError and leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -21,20 +28,30 @@ from snapshotter.compression.detect import (
     compression_from_media_type,
     detect_compression,
 )
-from snapshotter.content.unpack import apply_layer
+from snapshotter.content.unpack import UnpackBounds, WriteBudget, apply_layer
+from snapshotter.errors import ResourceLimitError
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
 from snapshotter.soci import oci
 
 log = logging.getLogger(__name__)
 
+ROOT_MODE = 0o700
+
 
 class LocalLayers:
     """Extracted layers under one directory, keyed by layer digest."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, bounds: UnpackBounds | None = None) -> None:
         self.root = root
+        self.bounds = bounds or UnpackBounds()
         self._locks: dict[str, trio.Lock] = {}
+        if root.is_dir():
+            os.chmod(root, ROOT_MODE)
+
+    def _make_root(self) -> None:
+        self.root.mkdir(mode=ROOT_MODE, parents=True, exist_ok=True)
+        os.chmod(self.root, ROOT_MODE)
 
     def path(self, digest: str) -> Path:
         """Where the layer lives once extracted."""
@@ -49,18 +66,29 @@ class LocalLayers:
         async with lock:
             if target.is_dir():
                 return target
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._make_root()
+            budget = self.bounds.budget(layer.size, f"layer {layer.digest}")
+            budget.target = self.root
+            budget.check_space("(download)", more=layer.size)
             with tempfile.TemporaryDirectory(dir=self.root, prefix=".download-") as tmp:
                 blob = Path(tmp) / "blob"
-                with open(blob, "wb") as f:
-                    async for chunk in client.fetch_blob(ref, layer.digest):
-                        f.write(chunk)
+                try:
+                    with open(blob, "wb") as f:
+                        async for chunk in client.fetch_blob(ref, layer.digest):
+                            f.write(chunk)
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise ResourceLimitError(
+                        f"downloading layer {layer.digest}: the filesystem of {self.root} is "
+                        f"full: {e}"
+                    ) from e
                 compression = compression_from_media_type(layer.media_type)
                 if compression is None:
                     with open(blob, "rb") as f:
                         compression = detect_compression(f.read(8))
                 work = Path(tmp) / "tree"
-                await trio.to_thread.run_sync(_apply_file, blob, compression, work, diff_id)
+                await trio.to_thread.run_sync(_apply_file, blob, compression, work, diff_id, budget)
                 os.rename(work, target)
             log.info("layer %s unpacked locally at %s", layer.digest, target)
             return target
@@ -77,10 +105,12 @@ class LocalLayers:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _apply_file(blob: Path, compression: Compression, target: Path, diff_id: str | None) -> None:
+def _apply_file(
+    blob: Path, compression: Compression, target: Path, diff_id: str | None, budget: WriteBudget
+) -> None:
     def chunks() -> Iterator[bytes]:
         with open(blob, "rb") as f:
             while chunk := f.read(1 << 20):
                 yield chunk
 
-    apply_layer(chunks(), compression, target, expected_diff_id=diff_id)
+    apply_layer(chunks(), compression, target, expected_diff_id=diff_id, budget=budget)

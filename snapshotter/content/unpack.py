@@ -3,8 +3,16 @@
 Whiteouts become what overlayfs reads as whiteouts: `.wh.<x>` → a character device `x` 0:0,
 `.wh..wh..opq` → the opaque xattr on its directory. Every path is resolved component by
 component with O_NOFOLLOW relative to the target directory, so no tar entry (`..`, absolute
-names, a symlink planted by an earlier entry) can write outside it. The uncompressed stream's
-sha256 is returned for the diffID check.
+names, a symlink planted by an earlier entry) can write outside it; a hardlink must name a
+file an earlier entry of the same layer made. The uncompressed stream's sha256 is returned
+for the diffID check.
+
+Resources: the tar is read as a stream (`tarstream`), one entry at a time; the directory
+mtimes that must be set last go to a scratch file, not to memory, so memory does not grow
+with the number of entries. Sparse files are written as holes (seek over them, truncate to
+the real size). What the layer may take on disk is a `WriteBudget`: bytes of file data
+allocated, plus a tar block per other entry, at most its `limit`, and the filesystem's free
+space never below its reserve; past either, a ResourceLimitError names the layer's entry.
 """
 
 from __future__ import annotations
@@ -15,20 +23,96 @@ import hashlib
 import logging
 import os
 import stat
-import tarfile
+import struct
+import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import BinaryIO, Final
 
 from snapshotter.compression.detect import Compression, iter_decompress
-from snapshotter.errors import DigestMismatchError, TarFormatError
-from snapshotter.soci.tarheader import parse_pax_time
+from snapshotter.content.tarstream import TarEntry, TarReader
+from snapshotter.errors import DigestMismatchError, ResourceLimitError, TarFormatError
+from snapshotter.freespace import FreeSpaceReserve
 
 log = logging.getLogger(__name__)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 DEFAULT_OPAQUE_XATTR = "trusted.overlay.opaque"
+ENTRY_COST: Final = 512
+"""What an entry that is not a regular file counts against the budget: its tar header's size
+(an inode and a directory entry, at least)."""
+_COPY_CHUNK: Final = 1 << 20
+_SPACE_CHECK_BYTES: Final = 16 << 20
+"""Free space is looked at again after this many bytes (and at each file's end)."""
+
+
+@dataclass(frozen=True)
+class UnpackBounds:
+    """What a locally unpacked layer may take: at most `max_expansion_ratio` times its
+    compressed size on disk, but never less than `expansion_floor_bytes` (ratio 0: no bound),
+    and never past the free-space `reserve`."""
+
+    max_expansion_ratio: int = 0
+    expansion_floor_bytes: int = 0
+    reserve: FreeSpaceReserve = field(default_factory=FreeSpaceReserve)
+
+    def budget(self, compressed_size: int, what: str) -> WriteBudget:
+        """The budget of one layer of `compressed_size` bytes."""
+        limit = None
+        if self.max_expansion_ratio:
+            limit = max(self.expansion_floor_bytes, self.max_expansion_ratio * compressed_size)
+        return WriteBudget(limit, self.reserve, what=what)
+
+
+class WriteBudget:
+    """What one layer's unpack may write: `limit` bytes (None: no bound) and never past the
+    free-space `reserve` of `target`'s filesystem."""
+
+    def __init__(
+        self,
+        limit: int | None = None,
+        reserve: FreeSpaceReserve | None = None,
+        *,
+        what: str = "the layer",
+    ) -> None:
+        self.limit = limit
+        self.reserve = reserve or FreeSpaceReserve()
+        self.what = what
+        self.used = 0
+        self._unchecked = 0
+        self.target: Path | None = None
+
+    def charge(self, nbytes: int, entry: str) -> None:
+        """Count `nbytes` more for `entry`; ResourceLimitError past the limit or the reserve."""
+        self.used += nbytes
+        self._unchecked += nbytes
+        if self.limit is not None and self.used > self.limit:
+            raise ResourceLimitError(
+                f"{self.what} expands to more than its bound of {self.limit} bytes on disk "
+                f"(reached at tar entry {entry!r}); a bomb, or raise [unpack] "
+                "max_expansion_ratio / expansion_floor_bytes"
+            )
+        if self._unchecked >= _SPACE_CHECK_BYTES:
+            self.check_space(entry)
+
+    def check_space(self, entry: str, more: int = 0) -> None:
+        """ResourceLimitError when `more` bytes would eat into the free-space reserve."""
+        self._unchecked = 0
+        if self.target is None:
+            return
+        try:
+            room = self.reserve.room(self.target, more)
+        except OSError:
+            return
+        if room < 0:
+            raise ResourceLimitError(
+                f"unpacking {self.what} stopped at tar entry {entry!r}: the filesystem of "
+                f"{self.target} is down to its free-space reserve of "
+                f"{self.reserve.bytes_on(self.target)} bytes ([cache] min_free_bytes / "
+                "min_free_percent)"
+            )
 
 
 class _ChunkReader:
@@ -62,6 +146,12 @@ class _ChunkReader:
         """Consume (and hash) the rest of the stream: the diffID covers every byte."""
         for chunk in self._chunks:
             self.hasher.update(chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _split(name: str) -> list[str]:
@@ -119,29 +209,49 @@ def _remove(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _set_metadata(dir_fd: int, name: str, member: tarfile.TarInfo, *, is_link: bool) -> None:
+def _set_metadata(dir_fd: int, name: str, entry: TarEntry, *, is_link: bool) -> None:
     with contextlib.suppress(PermissionError):
-        os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
+        os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
     if not is_link:
-        os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
-    for key, value in member.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
-            raw = value.encode("utf-8", "surrogateescape")
-            target = f"/proc/self/fd/{dir_fd}/{name}"
-            try:
-                os.setxattr(target, key[len("SCHILY.xattr.") :], raw, follow_symlinks=False)
-            except OSError as e:
-                log.warning("cannot set xattr %s on %s: %s", key, member.name, e.strerror)
-    os.utime(name, ns=(_mtime_ns(member),) * 2, dir_fd=dir_fd, follow_symlinks=False)
+        os.chmod(name, entry.mode & 0o7777, dir_fd=dir_fd)
+    for key, raw in entry.xattrs.items():
+        target = f"/proc/self/fd/{dir_fd}/{name}"
+        try:
+            os.setxattr(target, key, raw, follow_symlinks=False)
+        except OSError as e:
+            log.warning("cannot set xattr %s on %s: %s", key, entry.name, e.strerror)
+    _set_mtime(dir_fd, name, entry.mtime_ns)
 
 
-def _mtime_ns(member: tarfile.TarInfo) -> int:
-    """The exact mtime: tarfile's float loses the last digits of a PAX nanosecond time."""
-    pax = member.pax_headers.get("mtime")
-    if pax:
-        seconds, nanos = parse_pax_time(pax)
-        return seconds * 10**9 + nanos
-    return int(member.mtime) * 10**9
+def _set_mtime(dir_fd: int, name: str, mtime_ns: int) -> None:
+    os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+_DIR_RECORD = struct.Struct("<qI")
+
+
+class _DirTimes:
+    """Directory mtimes to set once everything is extracted, spilled to a scratch file."""
+
+    def __init__(self, scratch_dir: Path) -> None:
+        self._file: BinaryIO = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
+            dir=scratch_dir, prefix=".dirtimes-"
+        )
+
+    def add(self, parts: list[str], mtime_ns: int) -> None:
+        path = "/".join(parts).encode("utf-8", "surrogateescape")
+        self._file.write(_DIR_RECORD.pack(mtime_ns, len(path)) + path)
+
+    def replay(self) -> Iterator[tuple[list[str], int]]:
+        self._file.flush()
+        self._file.seek(0)
+        while head := self._file.read(_DIR_RECORD.size):
+            mtime_ns, size = _DIR_RECORD.unpack(head)
+            path = self._file.read(size).decode("utf-8", "surrogateescape")
+            yield (path.split("/") if path else []), mtime_ns
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def apply_layer(
@@ -151,29 +261,43 @@ def apply_layer(
     *,
     opaque_xattr: str = DEFAULT_OPAQUE_XATTR,
     expected_diff_id: str | None = None,
+    budget: WriteBudget | None = None,
 ) -> str:
-    """Extract a layer blob's chunks into `target`; return the diffID (sha256 of the tar)."""
+    """Extract a layer blob's chunks into `target`; return the diffID (sha256 of the tar).
+
+    Bad tar input is a TarFormatError; more than `budget` allows (or a full disk) is a
+    ResourceLimitError. Either way `target` may hold part of the layer: the caller unpacks
+    into a scratch directory and discards it."""
+    budget = budget or WriteBudget()
     target.mkdir(parents=True, exist_ok=True)
+    budget.target = target
+    budget.check_space("(start)")
     reader = _ChunkReader(iter_decompress(compression, chunks))
     root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-    dir_mtimes: list[tuple[list[str], tarfile.TarInfo]] = []
+    dir_times = _DirTimes(target.parent)
     try:
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                for member in tar:
-                    _apply_member(tar, member, root_fd, opaque_xattr, dir_mtimes)
-        except tarfile.TarError as e:
-            raise TarFormatError(f"layer is not a valid tar: {e}") from e
+            tar = TarReader(reader.read)
+            for entry in tar:
+                _apply_entry(tar, entry, root_fd, opaque_xattr, dir_times, budget)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceLimitError(
+                    f"unpacking {budget.what}: the filesystem of {target} is full: {e}"
+                ) from e
+            raise
         reader.drain()
-        # Directory mtimes last: creating their children changed them.
-        for parts, member in reversed(dir_mtimes):
-            with contextlib.suppress(FileNotFoundError):
+        # Directory mtimes last: creating their children changed them. In tar order, so a
+        # directory listed twice gets its last entry's time, as GNU tar gives it.
+        for parts, mtime_ns in dir_times.replay():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 parent = _open_dir(root_fd, parts[:-1], create=False) if parts else os.dup(root_fd)
                 try:
-                    _set_metadata(parent, parts[-1] if parts else ".", member, is_link=False)
+                    _set_mtime(parent, parts[-1] if parts else ".", mtime_ns)
                 finally:
                     os.close(parent)
     finally:
+        dir_times.close()
         os.close(root_fd)
     diff_id = "sha256:" + reader.hasher.hexdigest()
     if expected_diff_id is not None and diff_id != expected_diff_id:
@@ -183,17 +307,21 @@ def apply_layer(
     return diff_id
 
 
-def _apply_member(
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
+def _apply_entry(
+    tar: TarReader,
+    entry: TarEntry,
     root_fd: int,
     opaque_xattr: str,
-    dir_mtimes: list[tuple[list[str], tarfile.TarInfo]],
+    dir_times: _DirTimes,
+    budget: WriteBudget,
 ) -> None:
-    parts = _split(member.name)
+    parts = _split(entry.name)
+    if entry.kind != "reg":
+        budget.charge(ENTRY_COST, entry.name)
     if not parts:
-        if member.isdir():
-            dir_mtimes.append(([], member))
+        if entry.kind == "dir":
+            _set_metadata(root_fd, ".", entry, is_link=False)
+            dir_times.add([], entry.mtime_ns)
         return
     *parents, base = parts
     dfd = _open_dir(root_fd, parents, create=True)
@@ -206,50 +334,99 @@ def _apply_member(
             _remove(dfd, name)
             os.mknod(name, 0o600 | stat.S_IFCHR, os.makedev(0, 0), dir_fd=dfd)
             return
-        if member.isdir():
+        if entry.kind == "dir":
             try:
                 st = os.lstat(base, dir_fd=dfd)
                 if not stat.S_ISDIR(st.st_mode):
                     _remove(dfd, base)
-                    os.mkdir(base, 0o755, dir_fd=dfd)
+                    os.mkdir(base, 0o700, dir_fd=dfd)
             except FileNotFoundError:
-                os.mkdir(base, 0o755, dir_fd=dfd)
-            dir_mtimes.append((parts, member))
+                os.mkdir(base, 0o700, dir_fd=dfd)
+            _set_metadata(dfd, base, entry, is_link=False)
+            dir_times.add(parts, entry.mtime_ns)
             return
         _remove(dfd, base)
-        if member.isreg():
-            src = tar.extractfile(member)
-            fd = os.open(
-                base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd
-            )
-            with os.fdopen(fd, "wb") as out:
-                _copy(src, out)
-        elif member.issym():
-            os.symlink(member.linkname, base, dir_fd=dfd)
-        elif member.islnk():
-            lparts = _split(member.linkname)
-            if not lparts:
-                raise TarFormatError(f"hardlink {member.name!r} has an empty target")
-            ldir = _open_dir(root_fd, lparts[:-1], create=False)
-            try:
-                os.link(lparts[-1], base, src_dir_fd=ldir, dst_dir_fd=dfd, follow_symlinks=False)
-            finally:
-                os.close(ldir)
+        if entry.kind == "reg":
+            _write_file(tar, dfd, base, entry, budget)
+        elif entry.kind == "symlink":
+            os.symlink(entry.linkname, base, dir_fd=dfd)
+        elif entry.kind == "hardlink":
+            _link(root_fd, dfd, base, entry)
             return  # a hardlink shares its target's metadata
-        elif member.ischr() or member.isblk():
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(base, 0o600 | kind, os.makedev(member.devmajor, member.devminor), dir_fd=dfd)
-        elif member.isfifo():
+        elif entry.kind in ("char", "block"):
+            kind = stat.S_IFCHR if entry.kind == "char" else stat.S_IFBLK
+            os.mknod(base, 0o600 | kind, os.makedev(entry.devmajor, entry.devminor), dir_fd=dfd)
+        else:  # fifo
             os.mkfifo(base, 0o600, dir_fd=dfd)
-        else:
-            raise TarFormatError(f"unsupported tar entry type {member.type!r} for {member.name!r}")
-        _set_metadata(dfd, base, member, is_link=member.issym())
+        _set_metadata(dfd, base, entry, is_link=entry.kind == "symlink")
     finally:
         os.close(dfd)
 
 
-def _copy(src: IO[bytes] | None, out: IO[bytes]) -> None:
-    if src is None:
-        return
-    while chunk := src.read(1 << 20):
-        out.write(chunk)
+def _write_file(tar: TarReader, dfd: int, base: str, entry: TarEntry, budget: WriteBudget) -> None:
+    """The file's data, its holes left unwritten; charged to the budget as written."""
+    fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+    try:
+        regions = entry.sparse if entry.sparse is not None else [(0, entry.size)]
+        written = 0
+        for offset, length in regions:
+            if entry.sparse is not None:
+                os.lseek(fd, offset, os.SEEK_SET)
+            left = length
+            while left:
+                chunk = tar.read_data(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise TarFormatError(f"tar entry {entry.name!r}: data ends early")
+                budget.charge(len(chunk), entry.name)
+                _write_all(fd, chunk)
+                written += len(chunk)
+                left -= len(chunk)
+        if entry.sparse is not None:
+            try:
+                os.ftruncate(fd, entry.size)
+            except OSError as e:
+                if e.errno not in (errno.EFBIG, errno.EINVAL):
+                    raise
+                raise TarFormatError(
+                    f"sparse file {entry.name!r} claims {entry.size} bytes, more than the "
+                    "filesystem holds in one file"
+                ) from None
+        # Blocks, not bytes, are what the disk gives: charge the rounding (and a data region
+        # of one byte in every block of a huge sparse file) too.
+        allocated = os.fstat(fd).st_blocks * 512
+        if allocated > written:
+            budget.charge(allocated - written, entry.name)
+        budget.check_space(entry.name)
+    finally:
+        os.close(fd)
+
+
+def _link(root_fd: int, dfd: int, base: str, entry: TarEntry) -> None:
+    """A hardlink to a file an earlier entry of this layer made; TarFormatError otherwise."""
+    target = entry.linkname
+    lparts = _split(target)
+    if not lparts:
+        raise TarFormatError(f"hardlink {entry.name!r} has an empty target")
+    try:
+        ldir = _open_dir(root_fd, lparts[:-1], create=False)
+    except OSError as e:
+        raise _bad_link(entry, e) from None
+    try:
+        os.link(lparts[-1], base, src_dir_fd=ldir, dst_dir_fd=dfd, follow_symlinks=False)
+    except OSError as e:
+        raise _bad_link(entry, e) from None
+    finally:
+        os.close(ldir)
+
+
+def _bad_link(entry: TarEntry, e: OSError) -> TarFormatError:
+    why = {
+        errno.ENOENT: "no earlier entry of this layer has that path",
+        errno.ELOOP: "its path goes through a symlink",
+        errno.ENOTDIR: "its path goes through something that is not a directory",
+        errno.EPERM: "it is a directory",
+    }.get(e.errno or 0, e.strerror or str(e))
+    return TarFormatError(
+        f"hardlink {entry.name!r} -> {entry.linkname!r} refused: a hardlink must name a file "
+        f"of the same layer, and {why} (tar entry at offset {entry.offset})"
+    )

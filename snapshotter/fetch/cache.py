@@ -20,6 +20,13 @@ least recently used first (the directory's mtime is the use time, so the order s
 restart). A layer in use is never evicted; when only such layers remain, the bound is
 exceeded and reported. All methods are thread-safe: the span manager calls them from worker
 threads.
+
+The free-space reserve (`FreeSpaceReserve`) is a harder limit than the bound: before a write
+would leave less than the reserve free on the cache's filesystem, unused layers are evicted,
+and if that is not enough the write fails with ENOSPC (the span manager then serves the
+bytes it fetched without keeping them), so the cache never fills the disk, whoever else
+writes to it. `room_for` (what background fetching asks before each request) says no while
+either limit is reached.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Final
 
 from snapshotter.errors import FormatError
+from snapshotter.freespace import FreeSpaceReserve
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +197,7 @@ class LayerCache:
         view = memoryview(data).cast("B")
         if not 0 <= start <= start + len(view) <= self._files.compressed_size:
             raise ValueError(f"write [{start}, {start + len(view)}) outside the layer")
+        self._owner._make_room(len(view))
         _pwrite_all(self._files.blob_fd, start, view)
         self._owner._grown(self._files)
 
@@ -235,13 +244,15 @@ class LayerCache:
             raise ValueError("this layer keeps no decompressed spans")
         if not 0 <= start <= start + len(data) <= size:
             raise ValueError(f"write [{start}, {start + len(data)}) outside the layer's tar")
+        self._owner._make_room(len(data))
         _pwrite_all(fd, start, memoryview(data))
         os.write(log_fd, f"{span} {digest}\n".encode())
         self._owner._grown(self._files)
 
     def fits(self, nbytes: int) -> bool:
-        """Whether `nbytes` more fit under the cache bound as it is (nothing is evicted)."""
-        return self._owner._fits(nbytes)
+        """Whether `nbytes` more fit under the cache bound and the free-space reserve as they
+        are (nothing is evicted)."""
+        return self._owner.room_for(nbytes)
 
     def mark(self, spans: list[int] | range) -> None:
         """Log spans as written (call after `write`)."""
@@ -288,13 +299,18 @@ class LayerCache:
 
 
 class DiskCache:
-    """Every cached layer under `root`, bounded by `max_bytes` of allocated space."""
+    """Every cached layer under `root`, bounded by `max_bytes` of allocated space and by the
+    free space `reserve` keeps on root's filesystem."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(
+        self, root: Path, max_bytes: int, *, reserve: FreeSpaceReserve | None = None
+    ) -> None:
         if max_bytes < 0:
             raise ValueError(f"negative cache bound {max_bytes}")
         self.root = root
         self.max_bytes = max_bytes
+        self.reserve = reserve or FreeSpaceReserve()
+        self._low_on_space = False
         self._lock = threading.Lock()
         self._open: dict[str, _LayerFiles] = {}
         # Allocated bytes of layers with no handle, measured at start and at release.
@@ -362,9 +378,54 @@ class DiskCache:
     def _usage_locked(self) -> int:
         return sum(f.allocated for f in self._open.values()) + sum(self._closed_sizes.values())
 
-    def _fits(self, nbytes: int) -> bool:
+    def room_for(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit under the bound and above the free-space reserve, as the
+        cache is (nothing is evicted)."""
         with self._lock:
-            return self._usage_locked() + nbytes <= self.max_bytes
+            if self._usage_locked() + nbytes > self.max_bytes:
+                return False
+            return self._space_ok_locked(self._room_locked(nbytes))
+
+    def _room_locked(self, nbytes: int) -> int:
+        try:
+            return self.reserve.room(self.root, nbytes)
+        except OSError:
+            return 0
+
+    def _space_ok_locked(self, room: int) -> bool:
+        """Whether `room` (see FreeSpaceReserve.room) is enough; logs each change."""
+        low = room < 0
+        if low != self._low_on_space:
+            self._low_on_space = low
+            if low:
+                log.warning(
+                    "span cache: the filesystem of %s is down to its free-space reserve of %d "
+                    "bytes; the cache stops growing (it holds %d bytes)",
+                    self.root,
+                    self.reserve.bytes_on(self.root),
+                    self._usage_locked(),
+                )
+            else:
+                log.info("span cache: free space above the reserve again under %s", self.root)
+        return not low
+
+    def _make_room(self, nbytes: int) -> None:
+        """Evict unused layers until `nbytes` can be written above the free-space reserve;
+        OSError(ENOSPC) when even that is not enough (layers in use are never evicted)."""
+        with self._lock:
+            room = self._room_locked(nbytes)
+            if room >= 0:
+                self._space_ok_locked(room)
+                return
+            self._evict_locked(need_space=nbytes)
+            room = self._room_locked(nbytes)
+            if self._space_ok_locked(room):
+                return
+        raise OSError(
+            errno.ENOSPC,
+            f"the span cache keeps {self.reserve.bytes_on(self.root)} bytes free on the "
+            f"filesystem of {self.root} and has no unused layer left to evict",
+        )
 
     def _grown(self, files: _LayerFiles) -> None:
         allocated = files.measure()
@@ -386,10 +447,19 @@ class DiskCache:
                 os.utime(files.path)
             self._evict_locked()
 
-    def _evict_locked(self) -> int:
+    def _evict_locked(self, *, need_space: int | None = None) -> int:
+        """Evict unused layers, least recently used first, while the cache is over its bound
+        (or, with `need_space`, while that many bytes would eat into the free-space reserve)."""
         usage = self._usage_locked()
-        if usage <= self.max_bytes:
-            self._over_bound_reported = False
+
+        def enough(freed: int) -> bool:
+            if usage - freed > self.max_bytes:
+                return False
+            return need_space is None or self._room_locked(need_space) >= 0
+
+        if enough(0):
+            if usage <= self.max_bytes:
+                self._over_bound_reported = False
             return 0
 
         def last_used(digest: str) -> int:
@@ -400,12 +470,17 @@ class DiskCache:
 
         freed = 0
         for digest in sorted(self._closed_sizes, key=last_used):
-            if usage - freed <= self.max_bytes:
+            if enough(freed):
                 break
             size = self._closed_sizes.pop(digest)
             shutil.rmtree(self.root / layer_dir_name(digest), ignore_errors=True)
             freed += size
-            log.info("evicted cached layer %s (%d bytes)", digest, size)
+            log.info(
+                "evicted cached layer %s (%d bytes)%s",
+                digest,
+                size,
+                "" if need_space is None else " for the free-space reserve",
+            )
         if usage - freed > self.max_bytes and not self._over_bound_reported:
             self._over_bound_reported = True
             log.warning(

@@ -31,11 +31,17 @@ class UnavailableError(SnapshotError):
     """A remote layer the snapshot needs cannot be served now: UNAVAILABLE."""
 
 
+class ResourceExhaustedError(SnapshotError):
+    """A bound was reached (the disk's free-space reserve, a layer's expansion bound):
+    RESOURCE_EXHAUSTED."""
+
+
 __all__ = [
     "AlreadyExistsError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
+    "ResourceExhaustedError",
     "SnapshotError",
     "UnavailableError",
 ]

@@ -10,15 +10,22 @@
 
 Several filters are alternatives: an object matches when any of them matches; no filters (or an
 empty one) match everything. A malformed filter or regular expression is an InvalidArgumentError.
+
+Regular expressions are RE2's, like Go's `regexp` that containerd uses: the same syntax, and
+matching in time linear in the value. (Python's `re` backtracks: `labels.x~=(a+)+$` against a
+4 KiB label would run for ever, holding the GIL that every thread of the daemon needs.)
+Parsing is one pass over the filter; error messages quote at most `QUOTE_CHARS` of it.
 """
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Final, Protocol
+
+import re2  # type: ignore[import-untyped]
 
 from snapshotter.service import InvalidArgumentError
 
@@ -27,6 +34,46 @@ FieldLookup = Callable[[Sequence[str]], tuple[str, bool]]
 
 _EOF = "<eof>"
 _ILLEGAL = "<illegal>"
+QUOTE_CHARS: Final = 256
+"""Most characters of a filter an error message shows on each side of the error."""
+
+
+class Searcher(Protocol):
+    """A compiled regular expression (RE2)."""
+
+    def search(self, text: str) -> object | None:
+        """A match somewhere in `text`, or None."""
+        ...
+
+
+def _re2_options() -> object:
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own lines on stderr (the daemon's log)
+    return options
+
+
+_RE2_OPTIONS: Final = _re2_options()
+
+
+def compile_regex(pattern: str) -> Searcher:
+    """`pattern` compiled by RE2 (Go's regexp syntax); InvalidArgumentError if it is not one."""
+    try:
+        return re2.compile(pattern, options=_RE2_OPTIONS)  # type: ignore[no-any-return]
+    except re2.error as e:
+        detail = (
+            e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else e
+        )
+        raise InvalidArgumentError(
+            f"filters: bad regular expression {_shown(pattern)}: {detail}"
+        ) from None
+
+
+def _shown(text: str) -> str:
+    """`text` quoted for a message, its middle cut when it is long."""
+    if len(text) <= 2 * QUOTE_CHARS:
+        return repr(text)
+    cut = len(text) - 2 * QUOTE_CHARS
+    return f"{text[:QUOTE_CHARS]!r} [… {cut} characters …] {text[-QUOTE_CHARS:]!r}"
 
 
 class _Tok(Enum):
@@ -246,7 +293,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     op: _Op
     value: str = ""
-    regex: re.Pattern[str] | None = None
+    regex: Searcher | None = None
 
     def match(self, lookup: FieldLookup) -> bool:
         """Whether the object `lookup` describes satisfies this term."""
@@ -282,8 +329,11 @@ class _Parser:
 
     def error(self, pos: int, msg: str) -> InvalidArgumentError:
         t = self.text
-        where = f"[{t[:pos]} >|{t[pos]}|< {t[pos + 1 :]}]" if pos < len(t) else f"[{t}]"
-        return InvalidArgumentError(f"filters: parse error: {where}: {msg}")
+        lo, hi = max(0, pos - QUOTE_CHARS), pos + 1 + QUOTE_CHARS
+        before = ("…" if lo else "") + t[lo:pos]
+        after = t[pos + 1 : hi] + ("…" if hi < len(t) else "")
+        where = f"[{before} >|{t[pos]}|< {after}]" if pos < len(t) else f"[{before}]"
+        return InvalidArgumentError(f"filters: parse error: {where}: {msg[:QUOTE_CHARS]}")
 
     def selectors(self) -> tuple[Selector, ...]:
         out = [self.selector()]
@@ -305,12 +355,7 @@ class _Parser:
         op = self.operator()
         value = self.value(allow_alt_quotes=op is _Op.MATCHES)
         if op is _Op.MATCHES:
-            try:
-                return Selector(fieldpath, op, value, re.compile(value))
-            except re.error as e:
-                raise InvalidArgumentError(
-                    f"filters: bad regular expression {value!r}: {e}"
-                ) from None
+            return Selector(fieldpath, op, value, compile_regex(value))
         return Selector(fieldpath, op, value)
 
     def fieldpath(self) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ from snapshotter.service import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     SnapshotError,
     UnavailableError,
 )
@@ -58,6 +59,7 @@ _CODES: tuple[tuple[type[SnapshotError], grpc.StatusCode], ...] = (
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 Req = TypeVar("Req")

@@ -24,16 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from snapshotter.errors import ResourceLimitError
 from snapshotter.service import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from snapshotter.service.filters import parse_all
 from snapshotter.service.mounts import Mount, overlay_index_off, snapshot_mounts
-from snapshotter.service.store import Kind, SnapshotRecord, Store, Txn
+from snapshotter.service.store import Kind, SnapshotRecord, Store, StoreFullError, Txn
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +189,9 @@ class Snapshotter:
         self.store = store
         self.remote = remote
         self.snapshots_dir = self.root / "snapshots"
-        self.snapshots_dir.mkdir(parents=True, exist_ok=True)
+        # 0700 like containerd's snapshot roots: the trees below keep the images' modes.
+        self.snapshots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.snapshots_dir, 0o700)
         self.index_off = overlay_index_off()
         self._targets = _KeyedLocks()
 
@@ -270,6 +274,9 @@ class Snapshotter:
                 layer = self.remote.prepare_remote(
                     key, parent or None, labels, [self.layer_path(p) for p in chain]
                 )
+            except ResourceLimitError as e:
+                # Not a fallback: containerd's own unpack would fill the disk the same way.
+                raise ResourceExhaustedError(f"snapshot {target!r}: {e}") from e
             except Exception:
                 log.exception(
                     "REMOTE SNAPSHOT FAILED for %s (key %r): falling back to an ordinary "
@@ -400,17 +407,36 @@ class Snapshotter:
             tx.commit_active(rec.id, name, labels, _now(), usage.size, usage.inodes)
 
     def remove(self, key: str) -> None:
-        """Drop snapshot `key` and its directory; refused while it has children."""
-        with self.store.write() as tx:
-            rec = tx.require(key)
-            if tx.has_children(rec.id):
-                raise FailedPreconditionError(f"cannot remove snapshot {key!r} with child")
-            tx.delete(rec.id)
+        """Drop snapshot `key` and its directory; refused while it has children.
+
+        On a full disk the store gives up its reserve file to commit; if even that is used
+        up, the snapshot's own directory is deleted first (it is being removed anyway, and a
+        failed Remove is retried by containerd's GC), then the record."""
+        try:
+            rec = self._remove_record(key)
+        except StoreFullError:
+            with self.store.read() as tx:
+                rec = tx.require(key)
+                if tx.has_children(rec.id):
+                    raise FailedPreconditionError(
+                        f"cannot remove snapshot {key!r} with child"
+                    ) from None
+            log.warning("remove %r: the disk is full; deleting its files first", key)
+            shutil.rmtree(self.snapshots_dir / str(rec.id), ignore_errors=True)
+            rec = self._remove_record(key)
         d = self.snapshots_dir / str(rec.id)
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)
         if rec.layer_dir:
             self._release(rec.layer_dir)
+
+    def _remove_record(self, key: str) -> SnapshotRecord:
+        with self.store.write() as tx:
+            rec = tx.require(key)
+            if tx.has_children(rec.id):
+                raise FailedPreconditionError(f"cannot remove snapshot {key!r} with child")
+            tx.delete(rec.id)
+        return rec
 
     def _release(self, layer_dir: str) -> None:
         if self.remote is None:

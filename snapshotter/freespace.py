@@ -1,0 +1,46 @@
+"""The free-space reserve: how much of ROOT's filesystem pysoci leaves free.
+
+What pysoci writes under ROOT (cached spans, locally unpacked layers) stops before the
+filesystem's free space would drop below the reserve, the larger of `min_free_bytes` and
+`min_free_percent` of the filesystem's size (`[cache]` in the config). "Free" is what an
+unprivileged process may still use (`f_bavail`), so the blocks ext4 keeps for root are never
+counted as room.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_bytes(path: Path | str) -> int:
+    """Bytes an unprivileged process can still write on the filesystem holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass(frozen=True)
+class FreeSpaceReserve:
+    """Free space to leave on a filesystem: the larger of the two bounds (0 and 0: none)."""
+
+    min_free_bytes: int = 0
+    min_free_percent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_free_bytes < 0 or not 0 <= self.min_free_percent <= 100:
+            raise ValueError(
+                f"bad free-space reserve {self.min_free_bytes} bytes / {self.min_free_percent} %"
+            )
+
+    def bytes_on(self, path: Path | str) -> int:
+        """The reserve, in bytes, for the filesystem holding `path`."""
+        if not self.min_free_percent:
+            return self.min_free_bytes
+        st = os.statvfs(path)
+        return max(self.min_free_bytes, st.f_blocks * st.f_frsize * self.min_free_percent // 100)
+
+    def room(self, path: Path | str, nbytes: int) -> int:
+        """Bytes that can still be written on `path`'s filesystem, after `nbytes` more, before
+        the reserve is reached (negative: that many bytes too many)."""
+        return free_bytes(path) - nbytes - self.bytes_on(path)
