@@ -145,8 +145,9 @@ class CacheConfig:
     """The free-space reserve of ROOT's filesystem, the larger of the two (pysoci's keys: soci
     has none). The span cache stops growing and evicts unused layers before it would eat into
     it (background fetching pauses; what containers read is served without being kept), and
-    local unpacks stop there. 10 % is where kubelet's default image GC (85 % used) has long
-    started removing images; 1 GiB keeps small disks out of trouble."""
+    local unpacks stop at half of it (a pull may use what the cache of running images left).
+    10 % is where kubelet's default image GC (85 % used) has long started removing images;
+    1 GiB keeps small disks out of trouble."""
 
     def __post_init__(self) -> None:
         if self.min_free_percent > 100:
@@ -366,8 +367,10 @@ def unpack_bounds(config: Config | None = None) -> UnpackBounds:
     from snapshotter.content.unpack import UnpackBounds  # keeps the config import light
 
     config = config or Config()
+    cache = config.cache
     return UnpackBounds(
         config.unpack.max_expansion_ratio,
         config.unpack.expansion_floor_bytes,
-        free_space_reserve(config),
+        # Half the reserve: a pull may use what the span cache of running images left.
+        FreeSpaceReserve(cache.min_free_bytes, cache.min_free_percent, divisor=2),
     )
