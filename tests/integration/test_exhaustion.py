@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -307,6 +308,7 @@ def test_full_disk(rig: Rig) -> None:
     # Somebody else fills the disk to the last byte: Remove still works, and frees the space.
     filler = fill(rig)
     remove_image(rig, ref)
+    assert pysoci_snapshots(rig) == 0  # containerd forgets them even when Remove fails
     assert list((rig.root / "cache").iterdir()) == []
     assert rig.free() > 100 << 20, rig.free()
     filler.unlink()
@@ -322,6 +324,7 @@ def test_full_disk(rig: Rig) -> None:
     snapshots = rig.cd.ctr("snapshots", "--snapshotter", "soci", "ls").stdout
     assert snapshots.count("\n") >= 3, snapshots
     remove_image(rig, ref)
+    assert pysoci_snapshots(rig) == 0
     assert rig.free() > 100 << 20
     filler.unlink()
     # And Prepare works again, with the reserve made again.
@@ -331,6 +334,14 @@ def test_full_disk(rig: Rig) -> None:
     )
     assert (rig.root / "metadata.reserve").exists()
     remove_image(rig, ref)
+
+
+def pysoci_snapshots(rig: Rig) -> int:
+    db = sqlite3.connect(f"file:{rig.root / 'metadata.db'}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM snapshots").fetchone()[0])
+    finally:
+        db.close()
 
 
 def paused(rig: Rig) -> int:

@@ -220,3 +220,30 @@ def test_configure_logging(capsys: pytest.CaptureFixture[str]) -> None:
         for h in saved[0]:
             root.addHandler(h)
         root.setLevel(saved[1])
+
+
+@pytest.mark.timeout(120)  # a hang guard: the quadratic pattern took hours on these inputs
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a1" * (1 << 19),
+        "a:" * (1 << 19),
+        "a://" * (1 << 18),
+        "x://" + "a" * (1 << 20),
+        "authorization:" + " " * (1 << 20),
+        "'token'=" * (1 << 17),
+    ],
+)
+def test_redaction_of_a_megabyte_is_linear_and_cut(text: str) -> None:
+    out = redact(text)
+    assert len(out) < 20_000 and "characters cut" in out
+    # Every pattern on its own, on the whole text (not cut): linear too.
+    from snapshotter.logs import _redact_whole
+
+    assert len(_redact_whole(text)) > 0
+
+
+def test_long_messages_keep_their_ends_and_redact_a_cut_secret() -> None:
+    line = redact("password='hunter2" + "x" * 20000 + " tail end")
+    assert "hunter2" not in line and line.endswith(" tail end")
+    assert "[… " in line and " characters cut …]" in line

@@ -156,3 +156,24 @@ def test_values_keep_punctuation_and_quoted_fields_join_with_dots() -> None:
     assert parse('labels."a.b"==sha256:abc=d.e').match(lookup(e))
     assert parse("labels.a.b==sha256:abc=d.e").match(lookup(e))
     assert not parse("labels.a.b!=sha256:abc=d.e").match(lookup(e))
+
+
+def test_regular_expressions_are_re2s() -> None:
+    """Go's syntax and linear matching: no backreferences, no catastrophic backtracking."""
+    from snapshotter.service import InvalidArgumentError
+    from snapshotter.service.filters import parse
+
+    f = parse("labels.a~=(a+)+$")
+    assert not f.match(lambda path: ("a" * 4000 + "!", True))
+    assert f.match(lambda path: ("aaa", True))
+    with pytest.raises(InvalidArgumentError, match="bad regular expression"):
+        parse(r"labels.a~=(a)\1")
+
+
+def test_error_messages_quote_a_bounded_part_of_the_filter() -> None:
+    from snapshotter.service import InvalidArgumentError
+    from snapshotter.service.filters import parse
+
+    with pytest.raises(InvalidArgumentError) as e:
+        parse("name" + "x" * 100_000 + "=!=!")
+    assert len(str(e.value)) < 1000

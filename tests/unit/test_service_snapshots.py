@@ -765,3 +765,16 @@ def test_survives_sigkill(tmp_path: Path) -> None:
         sn.prepare("after-restart", top.name)
     finally:
         sn.close()
+
+
+def test_keys_are_bounded_like_containerds(tmp_path: Path) -> None:
+    """bbolt's MaxKeySize (32 KiB) bounds containerd's keys; messages quote a bounded part."""
+    sn = Snapshotter(tmp_path, Store(tmp_path))
+    sn.prepare("k" * 32768)
+    with pytest.raises(InvalidArgumentError, match="more than 32768") as e:
+        sn.prepare("k" * 32769)
+    assert len(str(e.value)) < 1000
+    with pytest.raises(NotFoundError) as missing:
+        sn.stat("m" * (1 << 20))
+    assert len(str(missing.value)) < 1000
+    assert [i.name for i in sn.list()] == ["k" * 32768]
