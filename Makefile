@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit integration bench-formats bench-lazyfs bench proto clean
+.PHONY: setup demo test lint typecheck unit integration bench-formats bench-lazyfs bench-fleet bench proto clean
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,11 @@ proto: setup
 
 bench-lazyfs: setup
 	$(PY) -m bench.lazyfs
+
+# N node namespaces (1, 3, 5) behind one mirror: origin bytes / image size, time to ready per
+# node (root; writes bench/out/fleet.{json,md}).
+bench-fleet: setup
+	$(PY) -m bench.fleet
 
 # Time to ready, overlayfs vs pysoci, on a shaped network (root; about 45 minutes; updates
 # bench/results/, which the README shows). Images are cached in /var/cache/pysoci-bench.

@@ -5,7 +5,6 @@ Pages of the API are followed through `Link: <...>; rel="next"` on the same orig
 
 from __future__ import annotations
 
-import logging
 import re
 
 import httpx
@@ -25,9 +24,9 @@ from snapshotter.soci.oci import (
     validate_digest,
 )
 
-log = logging.getLogger(__name__)
-
 MAX_REFERRERS_PAGES = 16
+"""Pages of the referrers API read for one subject (each at most 4 MiB); an answer that has
+more is an error, not a silently shortened list."""
 _LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 
 
@@ -46,8 +45,9 @@ class ReferrersReader:
         Uses the referrers API, following `Link: <...>; rel="next"` pages on the same origin.
         Registries without it (404, or a first answer that is not an OCI index) are read
         through the `<alg>-<hex>` fallback tag. A later page that is not an index, a body that
-        is not a valid index, or a next link to another origin is a typed error. Filtered by
-        `artifact_type` when given (whether or not the registry filtered).
+        is not a valid index, a next link to another origin, or more than MAX_REFERRERS_PAGES
+        pages (16) is a typed error (`RegistryResponseError`). Filtered by `artifact_type`
+        when given (whether or not the registry filtered).
         """
         validate_digest(subject_digest)
         what = f"referrers of {subject_digest} in {ref.locator}"
@@ -109,8 +109,11 @@ class ReferrersReader:
                 if page[1] is None:
                     return found
                 url = page[1]
-            log.warning("%s: more than %d pages, using the first ones", what, MAX_REFERRERS_PAGES)
-            return found
+            raise RegistryResponseError(
+                f"{what}: the registry has more than {MAX_REFERRERS_PAGES} pages of referrers"
+                f" ({len(found)} in the first {MAX_REFERRERS_PAGES}); pysoci reads at most"
+                f" {MAX_REFERRERS_PAGES}"
+            )
 
         result = await self._session.with_endpoints(ref, "pull", what, api)
         if result is None:
