@@ -166,7 +166,11 @@ class RegistryClient:
 
     async def push_manifest(self, ref: Reference, data: bytes, media_type: str) -> Descriptor:
         """PUT a manifest or index under `ref.object` (the digest if set, else the tag)."""
-        return await self._push.push_manifest(ref, data, media_type)
+        self._manifests.cache.forget(ref)
+        try:
+            return await self._push.push_manifest(ref, data, media_type)
+        finally:
+            self._manifests.cache.forget(ref)
 
     # --- referrers ----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from snapshotter.errors import (
     RegistryResponseError,
     RegistryUnavailableError,
 )
+from snapshotter.registry import manifests
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference, parse_reference
 from snapshotter.soci.oci import (
@@ -536,3 +537,41 @@ async def test_bandwidth_cap(proxy: FaultProxy, client: RegistryClient, image: I
     assert 0.4 <= trio.current_time() - start < 3.0
     assert proxy.wait_idle()
     assert proxy.stats.bytes_served == 2 * size
+
+
+async def test_manifests_read_once_per_pull(
+    proxy: FaultProxy, client: RegistryClient, image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each layer's Prepare looks the image up again: a tag's answer is reused for a few
+    seconds, a digest's longer, and concurrent look-ups share one request."""
+    monkeypatch.setattr(manifests, "TAG_CACHE_SECONDS", 0.5)
+    ref = ref_via(proxy)
+    digest = digest_of(image.manifest)
+
+    async def lookup() -> None:
+        desc, body = await client.get_manifest(ref)
+        assert (desc.digest, body) == (digest, image.manifest)
+        _, body = await client.get_manifest(ref.with_digest(digest))
+        assert body == image.manifest
+        assert (await client.resolve(ref)).digest == digest
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(lookup)
+    await lookup()
+    assert proxy.wait_idle()
+    gets = [r.path for r in proxy.stats.log if r.kind == "manifest"]
+    assert gets == [f"/v2/{REPO}/manifests/v1", f"/v2/{REPO}/manifests/{digest}"], gets
+    await trio.sleep(0.6)  # the tag may have moved: asked again, the digest still cached
+    await lookup()
+    assert proxy.wait_idle()
+    assert [r.path for r in proxy.stats.log if r.kind == "manifest"][2:] == [
+        f"/v2/{REPO}/manifests/v1"
+    ]
+    # A tag pushed through this client is read afresh.
+    other = json.loads(image.manifest)
+    other["annotations"] = {"moved": "yes"}
+    moved = json.dumps(other).encode()
+    await client.push_manifest(ref, moved, MEDIA_TYPE_OCI_MANIFEST)
+    assert (await client.get_manifest(ref))[1] == moved
+    await client.push_manifest(ref, image.manifest, MEDIA_TYPE_OCI_MANIFEST)
