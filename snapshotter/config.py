@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from snapshotter.errors import FormatError
 from snapshotter.fetch.config import FetchConfig
 from snapshotter.freespace import FreeSpaceReserve
+from snapshotter.soci.ztoc import DEFAULT_MAX_ENTRIES
 
 if TYPE_CHECKING:
     from snapshotter.content.unpack import UnpackBounds
@@ -86,12 +87,20 @@ class FuseConfig:
     attr_timeout: int = 60
     entry_timeout: int = 60
     negative_timeout: int = 60
+    max_ztoc_entries: int = DEFAULT_MAX_ENTRIES
+    """A zTOC listing more entries is not mounted lazily: its layer is unpacked locally
+    (pysoci's key). Real layers have 10^4-10^5 entries; a mounted layer costs about 100 B of
+    daemon memory per entry plus its names, and a million entries mount in 1-3 s."""
     opaque_xattr: str = "trusted.overlay.opaque"
     """The xattr an opaque directory (`.wh..wh..opq`) answers: "trusted.overlay.opaque", or
     "user.overlay.opaque" when the overlays over the layers are mounted with `userxattr`
     (pysoci's key: soci has none, it picks the user one when containerd's overlay would)."""
 
     def __post_init__(self) -> None:
+        if self.max_ztoc_entries < 1:
+            raise ConfigError(
+                f"fuse.max_ztoc_entries: must be positive, got {self.max_ztoc_entries}"
+            )
         if self.opaque_xattr not in OPAQUE_XATTRS:
             raise ConfigError(
                 f"fuse.opaque_xattr: expected one of {', '.join(OPAQUE_XATTRS)}, "

@@ -117,7 +117,13 @@ class ImageLayers:
             path = await self.local.ensure(self.client, ref, layer, diff_id)
             return PreparedLayer(layer, path, lazy=False, reason=reason)
         try:
-            ztoc = await fetch_ztoc(self.client, ref, ztoc_desc, store=self.store)
+            ztoc = await fetch_ztoc(
+                self.client,
+                ref,
+                ztoc_desc,
+                store=self.store,
+                max_entries=self.lazy.config.fuse.max_ztoc_entries,
+            )
             if ztoc.compressed_archive_size != layer.size:
                 raise FormatError(
                     f"zTOC {ztoc_desc.digest} describes {ztoc.compressed_archive_size} bytes, "

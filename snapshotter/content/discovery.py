@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import trio
+
 from snapshotter.content.indexing import iter_soci_index_descriptors
 from snapshotter.content.layout import OciLayout
 from snapshotter.errors import ContentNotFoundError, FormatError, RegistryError
@@ -21,7 +23,7 @@ from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
 from snapshotter.soci import index as soci_index
 from snapshotter.soci import oci
-from snapshotter.soci.ztoc import Ztoc, decode_ztoc
+from snapshotter.soci.ztoc import DEFAULT_MAX_ENTRIES, Ztoc, decode_ztoc
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,18 @@ async def fetch_ztoc(
     *,
     store: OciLayout | None = None,
     local: OciLayout | None = None,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> Ztoc:
     """A zTOC by descriptor, from the first place that has it: `store` (where fetched zTOCs
     are kept), `local` (a read-only content store, such as the one `pysoci create` fills,
-    whose index may exist nowhere else), the registry. What `store` lacked is written to it."""
+    whose index may exist nowhere else), the registry. What `store` lacked is written to it.
+
+    It is decoded in a worker thread (a big zTOC must not stall the FUSE requests that the
+    trio thread serves); more than `max_entries` entries is a ZtocTooLargeError."""
+
+    async def decode(blob: bytes) -> Ztoc:
+        return await trio.to_thread.run_sync(lambda: decode_ztoc(blob, max_entries=max_entries))
+
     if desc.size > MAX_ZTOC:
         raise FormatError(f"zTOC {desc.digest} claims {desc.size} bytes, over {MAX_ZTOC}")
     data: bytes | None = None
@@ -149,11 +159,11 @@ async def fetch_ztoc(
         except ContentNotFoundError:
             continue
         if source is store:
-            return decode_ztoc(data)
+            return await decode(data)
         break
     if data is None:
         data = await client.read_blob(ref, desc.digest, max_size=max(desc.size, 1))
-    ztoc = decode_ztoc(data)
+    ztoc = await decode(data)
     if store is not None:
         store.write_blob(data)
     return ztoc

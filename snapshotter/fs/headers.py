@@ -19,11 +19,12 @@ one entry share one read.
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from snapshotter.soci.tarheader import header_mismatch
@@ -49,17 +50,18 @@ class HeaderVerifier:
     def __init__(
         self,
         name: str,
-        starts: Sequence[int],
-        ends: Sequence[int],
+        starts: Sequence[int] | npt.NDArray[np.int64],
+        ends: Sequence[int] | npt.NDArray[np.int64],
         expected: Callable[[int], FileMetadata],
     ) -> None:
         self.name = name
         n = len(starts)
-        order = sorted(range(n), key=starts.__getitem__)
-        self._order = order
-        self._sorted_starts = [starts[e] for e in order]
-        self._starts = starts
-        self._ends = ends
+        starts_a = np.asarray(starts, np.int64)
+        order = np.argsort(starts_a, kind="stable")
+        self._order = order.astype(np.int32)
+        self._sorted_starts = starts_a[order]
+        self._starts = starts_a
+        self._ends = np.asarray(ends, np.int64)
         self._expected = expected
         self._state = bytearray(n)
         self._pending: dict[int, trio.Event] = {}
@@ -79,7 +81,7 @@ class HeaderVerifier:
 
     def _judge(self, entry: int, buf: bytes | memoryview, base: int) -> int:
         """Check entry's chain inside `buf` (layer bytes from `base`) and record the outcome."""
-        start, end = self._starts[entry], self._ends[entry]
+        start, end = int(self._starts[entry]), int(self._ends[entry])
         expected = self._expected(entry)
         chain = bytes(buf[start - base : end - base])
         reason = header_mismatch(expected, chain, 0, base=start)
@@ -102,13 +104,13 @@ class HeaderVerifier:
         (called in a worker thread, with verified bytes)."""
         end = start + len(data)
         view = memoryview(data)
-        starts, order, ends, state = self._sorted_starts, self._order, self._ends, self._state
-        i = bisect.bisect_left(starts, start)
-        while i < len(starts) and starts[i] < end:
-            entry = order[i]
-            if state[entry] == UNCHECKED and ends[entry] <= end:
+        lo, hi = np.searchsorted(self._sorted_starts, (start, end))
+        inside = self._order[lo:hi]
+        inside = inside[self._ends[inside] <= end]
+        state = self._state
+        for entry in inside.tolist():
+            if state[entry] == UNCHECKED:
                 self._judge(entry, view, start)
-            i += 1
 
     async def check(self, entry: int, read: ReadRange) -> bool:
         """Whether entry's header matches, reading its chain through `read` if no span has
@@ -120,7 +122,7 @@ class HeaderVerifier:
                 continue  # that check failed to read: try ourselves
             event = self._pending[entry] = trio.Event()
             try:
-                start, end = self._starts[entry], self._ends[entry]
+                start, end = int(self._starts[entry]), int(self._ends[entry])
                 buf = await read(start, end - start)
                 if self._state[entry] == UNCHECKED:  # the read may have fed observe_span
                     self._judge(entry, buf, start)

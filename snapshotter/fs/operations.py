@@ -18,8 +18,8 @@ import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from snapshotter import metrics
-from snapshotter.fs.table import NAME_MAX, FsOpError, MountedLayer, MountTable
-from snapshotter.fs.tree import BLKSIZE, Node
+from snapshotter.fs.table import NAME_MAX, Attrs, FsOpError, MountedLayer, MountTable
+from snapshotter.fs.tree import BLKSIZE
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class LayerOperations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self.negative_timeout = negative_timeout
 
-    def _attrs(self, layer: MountedLayer | None, node: Node) -> pyfuse3.EntryAttributes:
+    def _attrs(self, layer: MountedLayer | None, node: Attrs) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
@@ -101,14 +101,16 @@ class LayerOperations(pyfuse3.Operations):
         a.st_blksize = BLKSIZE
         a.st_blocks = node.blocks
         a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = node.mtime_ns
-        if self.table.in_layer_tree(layer, node) or node is self.table.root:
+        if (layer is not None and not self.table.is_status(layer, node)) or (
+            node is self.table.root
+        ):
             # The session invalidates the root's attributes when layers come and go.
             a.attr_timeout = self.attr_timeout
             a.entry_timeout = self.entry_timeout
         else:
             # `.status` and status files change as layers come and go.
             a.attr_timeout = 0
-            a.entry_timeout = 0 if layer is None or node.children is None else self.entry_timeout
+            a.entry_timeout = 0
         return a
 
     # -- lookups and attributes -----------------------------------------------------------
@@ -119,7 +121,7 @@ class LayerOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if len(name) > NAME_MAX:
             raise FsOpError(errno.ENAMETOOLONG)
-        layer, child = self.table.lookup(parent_inode, name)
+        layer, child = await self.table.lookup(parent_inode, name)
         if child is None:
             if layer is None:
                 raise FsOpError(errno.ENOENT)  # the root changes: never cache a miss there
@@ -135,19 +137,16 @@ class LayerOperations(pyfuse3.Operations):
 
     @_translated
     async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        layer, node = self.table.resolve(inode)
+        layer, node = await self.table.getattr(inode)
         return self._attrs(layer, node)
 
     @_translated
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
-        _, node = self.table.resolve(inode)
-        if node.target is None:
-            raise FsOpError(errno.EINVAL)
-        return node.target
+        return FileNameT(await self.table.readlink(inode))
 
     @_translated
     async def access(self, inode: InodeT, mode: ModeT, ctx: pyfuse3.RequestContext) -> bool:
-        _, node = self.table.resolve(inode)
+        _, node = await self.table.getattr(inode)
         if mode & os.W_OK:
             raise FsOpError(errno.EROFS)
         if ctx.uid == 0:
@@ -164,16 +163,20 @@ class LayerOperations(pyfuse3.Operations):
 
     @_translated
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
-        return self.table.opendir(inode)
+        return FileHandleT(await self.table.opendir(inode))
 
     @_translated
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.table.handle(fh)
         entries = handle.entries or []
         for i in range(start_id, len(entries)):
-            name, child = entries[i]
-            attrs = self._attrs(self.table.entry_layer(handle, child), child)
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+            name, child, gates = entries[i]
+            layer = handle.layer
+            if layer is None:
+                layer, node = await self.table.getattr(child)
+            else:
+                node = await self.table.entry_attrs(handle, child, gates)
+            if not pyfuse3.readdir_reply(token, FileNameT(name), self._attrs(layer, node), i + 1):
                 break
 
     @_translated
@@ -188,7 +191,7 @@ class LayerOperations(pyfuse3.Operations):
     ) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise FsOpError(errno.EROFS)
-        fh, is_status = self.table.open(inode)
+        fh, is_status = await self.table.open(inode)
         if is_status:
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -216,16 +219,16 @@ class LayerOperations(pyfuse3.Operations):
 
     @_translated
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: pyfuse3.RequestContext) -> bytes:
-        _, node = self.table.resolve(inode)
-        value = node.xattrs.get(name) if node.xattrs else None
+        xattrs = await self.table.xattrs(inode)
+        value = xattrs.get(name) if xattrs else None
         if value is None:
             raise FsOpError(pyfuse3.ENOATTR)
         return value
 
     @_translated
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
-        _, node = self.table.resolve(inode)
-        return list(node.xattrs) if node.xattrs else []
+        xattrs = await self.table.xattrs(inode)
+        return [XAttrNameT(k) for k in xattrs] if xattrs else []
 
     # -- the filesystem -------------------------------------------------------------------
 

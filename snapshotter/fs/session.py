@@ -122,10 +122,10 @@ class FuseSession:
         layer = self.table.add_layer(layer_id, ztoc, data)
         self._root_changed()
         log.info(
-            "mounted layer %s: %d inodes, %d bytes",
+            "mounted layer %s: %d zTOC entries, %d bytes (its tree is built in the background)",
             layer_id,
-            len(layer.tree),
-            layer.tree.total_size,
+            layer.entries,
+            ztoc.uncompressed_archive_size,
         )
         return self.mountpoint / layer_id
 

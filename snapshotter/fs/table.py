@@ -4,11 +4,17 @@ The mount root holds one directory per layer (the root of its `LayerTree`) and a
 `.status` directory with one `<layer-id>.json` per layer. Inode numbers are never reused within
 a process, so a kernel reference to an unmounted layer's inode can only miss, never alias.
 Failures are raised as `FsOpError(errno)`; the FUSE operations only translate them.
+
+A layer's tree is built in a worker thread after `add_layer` returns (its inode numbers are
+reserved at once): requests for its inodes wait for it, requests for other layers do not.
+An entry that the tree gates (fs.tree) is shown only once its tar header has been checked
+(fs.headers): lookups, listings and attributes wait for that check, EIO if it lies.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import json
 import logging
@@ -16,13 +22,24 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import numpy as np
+import trio
 
 from snapshotter.errors import PysociError
 from snapshotter.fs.headers import HeaderVerifier
-from snapshotter.fs.tree import DEFAULT_DIR_MODE, DEFAULT_OPAQUE_XATTR, LayerTree, Node, build_tree
-from snapshotter.soci.ztoc import Ztoc
+from snapshotter.fs.tree import (
+    BLKSIZE,
+    BLOCK_UNIT,
+    DEFAULT_DIR_MODE,
+    DEFAULT_OPAQUE_XATTR,
+    Inode,
+    LayerTree,
+    build_tree,
+)
+from snapshotter.soci.ztoc import Ztoc, entry_columns
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +48,8 @@ STATUS_DIR_INO = 2
 STATUS_DIR_NAME = b".status"
 STATUS_SUFFIX = ".json"
 NAME_MAX = 255
+BIG_DIR = 4096
+"""Directories with more children are sorted in a worker thread."""
 
 
 class LayerData(Protocol):
@@ -68,18 +87,52 @@ class FsOpError(Exception):
         self.errno = code
 
 
+class Node:
+    """An inode of the mount itself: its root, `.status` and the status files."""
+
+    __slots__ = ("children", "gid", "ino", "mode", "mtime_ns", "nlink", "rdev", "size", "uid")
+
+    def __init__(self, ino: int, mode: int) -> None:
+        self.ino = ino
+        self.mode = mode
+        self.nlink = 1
+        self.uid = 0
+        self.gid = 0
+        self.size = 0
+        self.rdev = 0
+        self.mtime_ns = 0
+        self.children: dict[bytes, int] | None = {} if stat.S_ISDIR(mode) else None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.size // BLKSIZE) * (BLKSIZE // BLOCK_UNIT)
+
+
+Attrs = Node | Inode
+
+
 @dataclass(eq=False)
 class MountedLayer:
     """One layer directory of the mount, with the per-file state of its reads."""
 
     layer_id: str
-    tree: LayerTree
     data: LayerData
     status_node: Node
-    verifier: HeaderVerifier
+    first_ino: int
+    reserved: int
+    entries: int
+    tree: LayerTree | None = None
+    verifier: HeaderVerifier | None = None
+    ready: trio.Event = field(default_factory=trio.Event)
+    build_error: str = ""
     closed: bool = False
     read_errors: int = 0
     last_error: str = ""
+    _sorting: dict[int, trio.Event] = field(default_factory=dict)
 
     @property
     def name(self) -> bytes:
@@ -93,60 +146,122 @@ class MountedLayer:
             base = {"state": "unknown", "error": f"status unavailable: {e}"}
         base.update(
             layerId=self.layer_id,
-            files=len(self.tree),
+            files=len(self.tree) if self.tree is not None else self.entries,
             readErrors=self.read_errors,
             lastReadError=self.last_error,
-            **self.verifier.status(),
+            treeReady=self.tree is not None,
         )
+        if self.verifier is not None:
+            base.update(self.verifier.status())
+        if self.build_error:
+            base.update(state="error", error=self.build_error)
         return base
 
-    def fail(self, node: Node, message: str) -> FsOpError:
+    async def built(self) -> tuple[LayerTree, HeaderVerifier]:
+        """The tree, once built (EIO if it could not be, or the layer is gone)."""
+        if self.tree is None:
+            await self.ready.wait()
+        if self.closed:
+            raise FsOpError(errno.EIO, f"layer {self.layer_id} is unmounted")
+        if self.tree is None or self.verifier is None:
+            raise FsOpError(errno.EIO, f"layer {self.layer_id}: {self.build_error}")
+        return self.tree, self.verifier
+
+    def fail(self, what: str, message: str) -> FsOpError:
         """Record a failed read and return the EIO to raise."""
         self.read_errors += 1
         self.last_error = message
-        name = node.meta.name if node.meta is not None else f"inode {node.ino}"
-        log.error("layer %s, %r: %s", self.layer_id, name, message)
+        log.error("layer %s, %s: %s", self.layer_id, what, message)
         return FsOpError(errno.EIO, message)
 
-    async def check_header(self, node: Node) -> None:
+    async def vouch(self, gates: list[int]) -> None:
+        """Wait until the tar headers of `gates` are checked; EIO if one lies or is unreadable."""
+        if not gates:
+            return
+        _, verifier = await self.built()
+        failures: list[str] = []
+
+        async def one(entry: int) -> None:
+            try:
+                ok = await verifier.check(entry, self._read_chain)
+            except PysociError as e:
+                failures.append(f"cannot read the tar header of entry {entry}: {e}")
+                return
+            if not ok:
+                failures.append(verifier.last_mismatch)
+
+        if len(gates) == 1:
+            await one(gates[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for entry in gates:
+                    nursery.start_soon(one, entry)
+        if failures:
+            self.read_errors += 1
+            self.last_error = failures[0]
+            raise FsOpError(errno.EIO, failures[0])
+
+    async def _read_chain(self, offset: int, length: int) -> bytes:
+        return await self.data.read(offset, length, readahead_until=offset + length)
+
+    async def sorted_dir(self, tree: LayerTree, ino: int) -> None:
+        """Make sure the directory's children are sorted (big ones in a worker thread)."""
+        while tree.needs_sort(ino):
+            pending = self._sorting.get(ino)
+            if pending is not None:
+                await pending.wait()
+                continue
+            if tree.dir_size(ino) <= BIG_DIR:
+                tree.sort_dir(ino)
+                return
+            event = self._sorting[ino] = trio.Event()
+            try:
+                await trio.to_thread.run_sync(tree.sort_dir, ino)
+            finally:
+                del self._sorting[ino]
+                event.set()
+
+    async def check_header(self, entry: int, file_end: int) -> None:
         """Before a file's data is served, its tar header must match the zTOC; EIO if not."""
-        file_end = node.offset + node.size
+        _, verifier = await self.built()
 
         async def read_chain(offset: int, length: int) -> bytes:
             # The data is read next: read ahead up to the file's end, not past it.
             return await self.data.read(offset, length, readahead_until=file_end)
 
         try:
-            ok = await self.verifier.check(node.entry, read_chain)
+            ok = await verifier.check(entry, read_chain)
         except PysociError as e:
-            name = node.meta.name if node.meta is not None else node.ino
-            raise self.fail(node, f"cannot read the tar header of {name!r}: {e}") from e
+            raise self.fail(f"entry {entry}", f"cannot read its tar header: {e}") from e
         if not ok:
             self.read_errors += 1  # the verifier logged why
-            self.last_error = self.verifier.last_mismatch
-            raise FsOpError(errno.EIO, f"tar header of inode {node.ino} does not match the zTOC")
+            self.last_error = verifier.last_mismatch
+            raise FsOpError(errno.EIO, f"tar header of entry {entry} does not match the zTOC")
 
-    async def read(self, node: Node, offset: int, size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
         """Up to `size` bytes of a regular file from `offset`."""
         if self.closed:
             raise FsOpError(errno.EIO, f"layer {self.layer_id} is unmounted")
-        if offset >= node.size or size <= 0:
+        tree, _ = await self.built()
+        found = tree.data(ino)
+        if found is None:
+            raise FsOpError(errno.EINVAL)
+        entry, data_offset, file_size = found
+        if offset >= file_size or size <= 0:
             return b""
-        length = min(size, node.size - offset)
-        await self.check_header(node)
+        length = min(size, file_size - offset)
+        file_end = data_offset + file_size
+        await self.check_header(entry, file_end)
+        what = f"inode {ino}"
         try:
-            data = await self.data.read(
-                node.offset + offset, length, readahead_until=node.offset + node.size
-            )
+            data = await self.data.read(data_offset + offset, length, readahead_until=file_end)
         except PysociError as e:
-            raise self.fail(node, f"read of {length} bytes at {offset} failed: {e}") from e
+            raise self.fail(what, f"read of {length} bytes at {offset} failed: {e}") from e
         except Exception as e:
-            log.exception(
-                "layer %s inode %d: unexpected error while reading", self.layer_id, node.ino
-            )
-            raise self.fail(node, f"read of {length} bytes at {offset} failed: {e!r}") from e
+            log.exception("layer %s inode %d: unexpected error while reading", self.layer_id, ino)
+            raise self.fail(what, f"read of {length} bytes at {offset} failed: {e!r}") from e
         if len(data) != length:
-            raise self.fail(node, f"short read at {offset}: {len(data)} of {length} bytes")
+            raise self.fail(what, f"short read at {offset}: {len(data)} of {length} bytes")
         return data
 
 
@@ -155,17 +270,29 @@ class Handle:
     """An open file or directory."""
 
     layer: MountedLayer | None
-    node: Node
+    ino: int
     snapshot: bytes | None = None
     """Status files: the JSON taken at open, so every read sees one version."""
-    entries: list[tuple[bytes, Node]] | None = None
-    """Directories: the listing taken at opendir, so offsets stay stable."""
+    entries: list[tuple[bytes, int, list[int]]] | None = None
+    """Directories: (name, ino, gates) taken at opendir, so offsets stay stable."""
 
 
-def _dir_node(mode: int = DEFAULT_DIR_MODE) -> Node:
-    node = Node(mode)
-    node.children = {}
-    return node
+def _malloc_trim() -> Any:
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent outside glibc
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+    return trim
+
+
+_MALLOC_TRIM: Final = _malloc_trim()
+
+
+def _inode_bound(ztoc: Ztoc) -> int:
+    """More inode numbers than the tree can use: entries, implicit directories (at most one
+    per "/" of the names) and whiteout targets, plus the root."""
+    c = entry_columns(ztoc.files)
+    slashes = int(np.count_nonzero(np.frombuffer(c.blob, np.uint8) == 0x2F))
+    return 2 * len(c) + slashes + 2
 
 
 class MountTable:
@@ -174,14 +301,13 @@ class MountTable:
     def __init__(self, *, opaque_xattr: str = DEFAULT_OPAQUE_XATTR) -> None:
         self.opaque_xattr = opaque_xattr
         now = time.time_ns()
-        self.root = _dir_node()
-        self.root.ino = ROOT_INO
+        self.root = Node(ROOT_INO, DEFAULT_DIR_MODE)
         self.root.mtime_ns = now
-        self.status_dir = _dir_node(stat.S_IFDIR | 0o555)
-        self.status_dir.ino = STATUS_DIR_INO
+        self.status_dir = Node(STATUS_DIR_INO, stat.S_IFDIR | 0o555)
         self.status_dir.mtime_ns = now
+        self.status_dir.nlink = 2
         assert self.root.children is not None
-        self.root.children[STATUS_DIR_NAME] = self.status_dir
+        self.root.children[STATUS_DIR_NAME] = STATUS_DIR_INO
         self.layers: dict[str, MountedLayer] = {}
         self._next_ino = STATUS_DIR_INO + 1
         self._bases: list[int] = []
@@ -194,33 +320,66 @@ class MountTable:
     # -- layers ---------------------------------------------------------------------------
 
     def add_layer(self, layer_id: str, ztoc: Ztoc, data: LayerData) -> MountedLayer:
-        """Build the layer's tree and make it the directory `/<layer_id>` of the mount."""
+        """Make the layer the directory `/<layer_id>` of the mount; its tree is built in a
+        worker thread (requests for it wait; `ready` is set when done)."""
         _check_layer_id(layer_id)
         if layer_id in self.layers:
             raise FsError(f"layer {layer_id!r} is already mounted")
-        status_node = Node(stat.S_IFREG | 0o444)
-        status_node.ino = self._next_ino
-        tree = build_tree(ztoc, self._next_ino + 1, opaque_xattr=self.opaque_xattr)
-        self._next_ino += 1 + len(tree)
-        files = tree.files
-        verifier = HeaderVerifier(
-            layer_id,
-            tree.header_starts,
-            [f.uncompressed_offset for f in files],
-            files.__getitem__,
-        )
-        layer = MountedLayer(layer_id, tree, data, status_node, verifier)
-        data.set_span_observer(verifier.observe_span)
-        status_node.mtime_ns = tree.root.mtime_ns = tree.root.mtime_ns or time.time_ns()
+        status_node = Node(self._next_ino, stat.S_IFREG | 0o444)
+        reserved = _inode_bound(ztoc)
+        first = self._next_ino + 1
+        self._next_ino = first + reserved
+        layer = MountedLayer(layer_id, data, status_node, first, reserved, len(ztoc.files))
+        status_node.mtime_ns = time.time_ns()
         self.layers[layer_id] = layer
-        self._bases.append(tree.first_ino)  # allocation is monotonic, so this stays sorted
-        self._by_base[tree.first_ino] = layer
+        self._bases.append(first)  # allocation is monotonic, so this stays sorted
+        self._by_base[first] = layer
         self._status_inos[status_node.ino] = layer
         assert self.root.children is not None and self.status_dir.children is not None
-        self.root.children[layer.name] = tree.root
-        self.status_dir.children[os.fsencode(layer_id + STATUS_SUFFIX)] = status_node
+        self.root.children[layer.name] = first
+        self.status_dir.children[os.fsencode(layer_id + STATUS_SUFFIX)] = status_node.ino
         self._update_root()
+        trio.lowlevel.spawn_system_task(self._build, layer, ztoc)
         return layer
+
+    async def _build(self, layer: MountedLayer, ztoc: Ztoc) -> None:
+        started = time.perf_counter()
+        try:
+            tree = await trio.to_thread.run_sync(
+                self._build_in_thread, ztoc, layer.first_ino, abandon_on_cancel=True
+            )
+            verifier = HeaderVerifier(
+                layer.layer_id, tree.header_start, tree.entries.offset, tree.expected
+            )
+        except trio.Cancelled:
+            layer.build_error = "the FUSE session stopped while its tree was being built"
+            raise
+        except BaseException as e:  # never crash the run: the layer reports the error
+            layer.build_error = f"cannot build the tree of the layer: {e!r}"
+            log.exception("layer %s: cannot build its tree", layer.layer_id)
+            return
+        finally:
+            layer.ready.set()
+        if layer.closed:
+            return
+        layer.tree, layer.verifier = tree, verifier
+        layer.data.set_span_observer(verifier.observe_span)
+        log.info(
+            "layer %s: tree of %d inodes from %d entries built in %.2f s",
+            layer.layer_id,
+            len(tree),
+            len(tree.entries),
+            time.perf_counter() - started,
+        )
+
+    def _build_in_thread(self, ztoc: Ztoc, first_ino: int) -> LayerTree:
+        tree = build_tree(ztoc, first_ino, opaque_xattr=self.opaque_xattr)
+        del ztoc
+        # The build allocates and frees several times what the tree keeps: without a trim,
+        # glibc keeps that in its heap (4-5x the tree's own size in RSS).
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+        return tree
 
     def remove_layer(self, layer_id: str) -> MountedLayer:
         """Take the layer out of the mount; its open handles fail from now on."""
@@ -229,9 +388,9 @@ class MountTable:
             raise LayerNotMountedError(f"layer {layer_id!r} is not mounted")
         layer.closed = True
         layer.data.set_span_observer(None)
-        i = bisect.bisect_left(self._bases, layer.tree.first_ino)
+        i = bisect.bisect_left(self._bases, layer.first_ino)
         del self._bases[i]
-        del self._by_base[layer.tree.first_ino]
+        del self._by_base[layer.first_ino]
         del self._status_inos[layer.status_node.ino]
         assert self.root.children is not None and self.status_dir.children is not None
         del self.root.children[layer.name]
@@ -247,59 +406,89 @@ class MountTable:
 
     def _update_root(self) -> None:
         self.root.nlink = 2 + len(self.layers) + 1
-        self.status_dir.nlink = 2
 
     # -- inodes ---------------------------------------------------------------------------
 
-    def resolve(self, ino: int) -> tuple[MountedLayer | None, Node]:
-        """The node numbered `ino` and its layer; EIO if its layer is gone, else ENOENT."""
-        if ino == ROOT_INO:
-            return None, self.root
-        if ino == STATUS_DIR_INO:
-            return None, self.status_dir
-        layer = self._status_inos.get(ino)
-        if layer is not None:
-            self.refresh_status_size(layer)
-            return layer, layer.status_node
+    def _owner(self, ino: int) -> MountedLayer | None:
+        """The layer whose reserved inode range holds `ino` (EIO: an unmounted one's)."""
         i = bisect.bisect_right(self._bases, ino) - 1
         if i >= 0:
             layer = self._by_base[self._bases[i]]
-            if ino in layer.tree:
-                return layer, layer.tree.node(ino)
+            if ino < layer.first_ino + layer.reserved:
+                return layer
         if ino < self._next_ino:
             # An inode of an unmounted layer, still referenced by an open file or a cwd.
             raise FsOpError(errno.EIO, f"inode {ino} belongs to an unmounted layer")
         raise FsOpError(errno.ENOENT)
 
-    def is_status(self, node: Node) -> bool:
-        return node.ino in self._status_inos
+    async def getattr(self, ino: int) -> tuple[MountedLayer | None, Attrs]:
+        """The attributes of `ino` and its layer, once its gates are checked."""
+        if ino == ROOT_INO:
+            return None, self.root
+        if ino == STATUS_DIR_INO:
+            return None, self.status_dir
+        status_layer = self._status_inos.get(ino)
+        if status_layer is not None:
+            self.refresh_status_size(status_layer)
+            return status_layer, status_layer.status_node
+        layer = self._owner(ino)
+        assert layer is not None
+        tree, _ = await layer.built()
+        try:
+            attrs = tree.stat(ino)
+        except KeyError:
+            raise FsOpError(errno.ENOENT) from None
+        await layer.vouch(tree.inode_gates(ino))
+        return layer, attrs
+
+    def is_status(self, layer: MountedLayer | None, attrs: Attrs) -> bool:
+        return layer is not None and attrs is layer.status_node
 
     def refresh_status_size(self, layer: MountedLayer) -> bytes:
         body = (json.dumps(layer.status(), sort_keys=True, default=str) + "\n").encode()
         layer.status_node.size = len(body)
         return body
 
-    def lookup(self, parent_ino: int, name: bytes) -> tuple[MountedLayer | None, Node | None]:
+    async def lookup(
+        self, parent_ino: int, name: bytes
+    ) -> tuple[MountedLayer | None, Attrs | None]:
         """The child `name` of a directory (None if absent); ENOTDIR for a non-directory."""
-        layer, parent = self.resolve(parent_ino)
-        if parent.children is None:
+        if parent_ino == ROOT_INO:
+            assert self.root.children is not None
+            child = self.root.children.get(name)
+            if child is None:
+                return None, None
+            return await self.getattr(child)
+        if parent_ino == STATUS_DIR_INO:
+            assert self.status_dir.children is not None
+            child = self.status_dir.children.get(name)
+            if child is None:
+                return None, None
+            return await self.getattr(child)
+        layer, parent = await self.getattr(parent_ino)
+        if layer is None or not parent.is_dir or self.is_status(layer, parent):
             raise FsOpError(errno.ENOTDIR)
-        child = parent.children.get(name)
-        if child is None:
+        tree, _ = await layer.built()
+        await layer.sorted_dir(tree, parent_ino)
+        found = tree.lookup_child(parent_ino, name)
+        if found is None:
             return layer, None
-        if parent is self.root and child is not self.status_dir:
-            layer = self._layer_of_root(child)
-        elif parent is self.status_dir:
-            layer = self._status_inos[child.ino]
-            self.refresh_status_size(layer)
-        return layer, child
+        ino, gates = found
+        await layer.vouch(gates)
+        return layer, tree.stat(ino)
 
-    def _layer_of_root(self, node: Node) -> MountedLayer:
-        return self._by_base[node.ino]
+    async def readlink(self, ino: int) -> bytes:
+        layer, _ = await self.getattr(ino)
+        target = layer.tree.readlink(ino) if layer is not None and layer.tree else None
+        if target is None:
+            raise FsOpError(errno.EINVAL)
+        return target
 
-    def in_layer_tree(self, layer: MountedLayer | None, node: Node) -> bool:
-        """Whether `node` is a file of a layer (not the mount root, `.status` or a status file)."""
-        return layer is not None and node is not layer.status_node
+    async def xattrs(self, ino: int) -> dict[bytes, bytes] | None:
+        layer, attrs = await self.getattr(ino)
+        if layer is None or layer.tree is None or self.is_status(layer, attrs):
+            return None
+        return layer.tree.xattrs(ino)
 
     # -- handles --------------------------------------------------------------------------
 
@@ -309,25 +498,39 @@ class MountTable:
         self._handles[fh] = handle
         return fh
 
-    def open(self, ino: int) -> tuple[int, bool]:
+    async def open(self, ino: int) -> tuple[int, bool]:
         """Open a file for reading: (handle, whether it is a status file)."""
-        layer, node = self.resolve(ino)
-        if node.children is not None:
+        layer, attrs = await self.getattr(ino)
+        if attrs.is_dir:
             raise FsOpError(errno.EISDIR)
-        if layer is not None and node is layer.status_node:
-            return self._new_handle(Handle(layer, node, self.refresh_status_size(layer))), True
-        if not node.is_reg:
+        if layer is not None and self.is_status(layer, attrs):
+            return self._new_handle(Handle(layer, ino, self.refresh_status_size(layer))), True
+        if not stat.S_ISREG(attrs.mode):
             raise FsOpError(errno.EINVAL)
-        return self._new_handle(Handle(layer, node)), False
+        return self._new_handle(Handle(layer, ino)), False
 
-    def opendir(self, ino: int) -> int:
-        layer, node = self.resolve(ino)
-        if node.children is None:
+    async def opendir(self, ino: int) -> int:
+        layer, attrs = await self.getattr(ino)
+        if not attrs.is_dir or self.is_status(layer, attrs):
             raise FsOpError(errno.ENOTDIR)
-        entries = list(node.children.items())
-        if node is self.root:
-            entries = [(n, c) for n, c in entries if c is not self.status_dir]
-        return self._new_handle(Handle(layer, node, entries=entries))
+        if layer is None:
+            node = self.root if ino == ROOT_INO else self.status_dir
+            assert node.children is not None
+            entries: list[tuple[bytes, int, list[int]]] = [
+                (n, c, []) for n, c in node.children.items() if c != STATUS_DIR_INO
+            ]
+            return self._new_handle(Handle(None, ino, entries=entries))
+        tree, _ = await layer.built()
+        await layer.sorted_dir(tree, ino)
+        return self._new_handle(Handle(layer, ino, entries=tree.children(ino)))
+
+    async def entry_attrs(self, handle: Handle, child: int, gates: list[int]) -> Attrs:
+        """The attributes of a directory entry, once its gates are checked."""
+        if handle.layer is None:
+            return (await self.getattr(child))[1]
+        tree, _ = await handle.layer.built()
+        await handle.layer.vouch(gates)
+        return tree.stat(child)
 
     def handle(self, fh: int) -> Handle:
         try:
@@ -338,26 +541,22 @@ class MountTable:
     def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
-    def entry_layer(self, handle: Handle, child: Node) -> MountedLayer | None:
-        """The layer a directory entry belongs to (for the root listing, the child's own)."""
-        if handle.node is self.root:
-            return self._layer_of_root(child)
-        return handle.layer
-
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self.handle(fh)
         if h.snapshot is not None:
             return h.snapshot[offset : offset + size]
         if h.layer is None:
             raise FsOpError(errno.EIO)
-        return await h.layer.read(h.node, offset, size)
+        return await h.layer.read(h.ino, offset, size)
 
     # -- statfs ---------------------------------------------------------------------------
 
     def totals(self) -> tuple[int, int]:
         """(bytes, inodes) over all mounted layers."""
-        size = sum(layer.tree.total_size for layer in self.layers.values())
-        inodes = 2 + sum(1 + len(layer.tree) for layer in self.layers.values())
+        size = sum(layer.tree.total_size for layer in self.layers.values() if layer.tree)
+        inodes = 2 + sum(
+            1 + (len(layer.tree) if layer.tree else layer.entries) for layer in self.layers.values()
+        )
         return size, inodes
 
 

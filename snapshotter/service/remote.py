@@ -360,7 +360,12 @@ class SociRemote:
         ref = parse_reference(record.ref)
         desc = oci.Descriptor(record.ztoc_media_type, record.ztoc_digest, record.ztoc_size)
         ztoc = await fetch_ztoc(
-            self.client, ref, desc, store=self.content, local=self._local_store()
+            self.client,
+            ref,
+            desc,
+            store=self.content,
+            local=self._local_store(),
+            max_entries=self.lazy.config.fuse.max_ztoc_entries,
         )
         if ztoc.compressed_archive_size != record.layer_size:
             raise FormatError(f"zTOC {record.ztoc_digest} does not fit layer {record.layer_digest}")
@@ -443,6 +448,7 @@ class SociRemote:
                     ztoc_desc,
                     store=self.content,
                     local=self._local_store(),
+                    max_entries=self.lazy.config.fuse.max_ztoc_entries,
                 )
                 if ztoc.compressed_archive_size != layer.size:
                     raise FormatError(

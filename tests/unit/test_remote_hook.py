@@ -20,6 +20,7 @@ from typing import Any, cast
 import pytest
 import trio
 
+from snapshotter.config import Config
 from snapshotter.content.indexing import IndexOptions, LayoutIndexer, iter_soci_index_descriptors
 from snapshotter.content.layout import OciLayout
 from snapshotter.content.local_layers import LocalLayers
@@ -137,6 +138,7 @@ class FakeLazy:
     cache: _NoCache = field(default_factory=_NoCache)
     failure: str = ""
     """When set, mounting fails with this message."""
+    config: Config = field(default_factory=Config)
 
     async def mount(self, lid: str, layer_digest: str, ztoc: Ztoc, source: object) -> Path:
         if self.failure:

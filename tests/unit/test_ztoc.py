@@ -16,15 +16,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapshotter.errors import CheckpointError, ZtocError
+from snapshotter.errors import CheckpointError, FormatError, ZtocError
 from snapshotter.soci import flatbuf
 from snapshotter.soci.ztoc import (
     ENTRY_TYPES,
     CompressionAlgorithm,
     FileMetadata,
+    TocEntries,
     Ztoc,
+    ZtocTooLargeError,
     decode_ztoc,
     encode_ztoc,
+    entry_columns,
     validate_ztoc,
     ztoc_digest,
 )
@@ -596,3 +599,23 @@ def test_flatbuf_reader_views_and_error_class() -> None:
         flatbuf.root(blob[:100], CheckpointError).table(5)
     with pytest.raises(CheckpointError):
         flatbuf.root(b"\xff" * 16, CheckpointError)
+
+
+def test_entry_bound_is_a_typed_error_before_decoding_entries() -> None:
+    blob = encode_ztoc(sample_ztoc())
+    assert len(decode_ztoc(blob, max_entries=4).files) == 4
+    with pytest.raises(ZtocTooLargeError, match="4 entries, more than the bound of 3"):
+        decode_ztoc(blob, max_entries=3)
+    assert issubclass(ZtocTooLargeError, FormatError)  # the caller unpacks such layers
+
+
+def test_decoded_entries_are_columns_and_materialize_on_demand() -> None:
+    z = sample_ztoc()
+    back = decode_ztoc(encode_ztoc(z))
+    assert isinstance(back.files, TocEntries) and back.files == z.files
+    c = entry_columns(back.files)
+    assert c.name(1) == b"etc/passwd" and c.linkname(2) == b"passwd"
+    assert c.uid.tolist() == [0, 1000, 0, 0] and c.devices == {3: (1, 3)}
+    assert c.xattrs == {1: {"user.k": "v\x00w"}}
+    assert c.mtime_ns[0] == 1704067200 * 10**9
+    assert entry_columns(z.files).name(1) == c.name(1)  # the same from a list
