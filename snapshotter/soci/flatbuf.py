@@ -273,13 +273,9 @@ class TableColumns:
             )
         )
         if n:
-            # Vtables are charged once each (builders share them): without finding the
-            # distinct ones when charging every visit fits the budget anyway.
-            total = int(vtsize.sum())
-            if total > b.budget:
-                _, first = np.unique(vt, return_index=True)
-                total = int(vtsize[first].sum())
-            b.spend(total, "vtable")
+            # Vtables are charged once each (builders share them), so at most the buffer's
+            # size (they all lie inside it).
+            b.spend(min(int(vtsize.sum()), size), "vtable")
             b.spend(int(objsize.sum()), "table")
         self.pos = pos
         self._vt = vt
