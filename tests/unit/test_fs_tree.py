@@ -93,6 +93,27 @@ def test_implicit_dirs_take_the_newest_mtime() -> None:
     assert at(t, "x").uid == 0 and at(t, "x").gid == 0
 
 
+def test_implicit_dirs_rule_counts_every_entry_and_spares_explicit_dirs() -> None:
+    """The rule (README, PLAN) in the cases the interop trees meet: the newest mtime among
+    all of the layer's entries (here a whiteout's, which no other entry has), 0755 root:root,
+    for every directory without an entry of its own; a directory whose entry comes after its
+    children keeps that entry's attributes."""
+    older, newest = "2020-01-01T00:00:00Z", "2024-05-06T07:08:09.5Z"
+    t = tree(
+        fm("a/b/file", size=1, offset=512, mod_time=older, uid=7),
+        fm("a/b/.wh.gone", mod_time=newest),
+        fm("c/explicit/f", size=1, offset=1536, mod_time=older),
+        fm("c/explicit", "dir", mode=0o700, uid=3, mod_time=older),
+    )
+    for path in ("/", "a", "a/b", "c"):
+        node = at(t, path)
+        assert (node.mode, node.uid, node.gid) == (stat.S_IFDIR | 0o755, 0, 0), path
+        assert node.mtime_ns == 1714979289_500000000, path
+    explicit = at(t, "c/explicit")
+    assert (explicit.mode, explicit.uid) == (stat.S_IFDIR | 0o700, 3)
+    assert explicit.mtime_ns == 1577836800_000000000
+
+
 def test_last_entry_wins_and_dirs_merge() -> None:
     t = tree(
         fm("d", "dir", mode=0o700),
