@@ -70,7 +70,8 @@ class ZtocReader:
                 )
         if isinstance(self.zinfo, GzipZinfo):
             return inflate_spans(self.zinfo, first, last, data)
-        return data
+        # A tar layer's last span may end in the archive before the blob's record padding.
+        return data[: self.zinfo.uncompressed_bounds(last)[1] - start]
 
     def read(self, offset: int, length: int) -> bytes:
         """Uncompressed layer bytes [offset, offset + length), clipped at the end."""

@@ -76,6 +76,13 @@ class TocBuilder:
         return self._pos
 
     @property
+    def archive_end(self) -> int:
+        """Where Go's archive/tar stops reading the stream: just past the end-of-archive
+        marker, or the end of the stream when it comes first (no marker, or one zero block).
+        What soci records as a zTOC's uncompressed archive size."""
+        return self.end_offset if self.end_offset is not None else self._pos
+
+    @property
     def at_end(self) -> bool:
         """True once the two-block end-of-archive marker has been read."""
         return self.end_offset is not None

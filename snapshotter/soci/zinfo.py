@@ -5,8 +5,16 @@ checkpoints `int64 in, int64 out, uint8 bits, uint8[32768] window` (a legacy lay
 checkpoint 0). Span i covers uncompressed [out_i, out_{i+1}) and compressed
 [in_i - (1 if bits_i else 0), in_{i+1}).
 
-Uncompressed tar layers: a flatbuffer `zinfo.TarZinfo{version, span_size, size}` and
-fixed spans `[i*span_size, (i+1)*span_size)`.
+Uncompressed tar layers: a flatbuffer `zinfo.TarZinfo{version, span_size, size}` (size = the
+blob's) and fixed spans `[i*span_size, (i+1)*span_size)`; the last one ends at the blob's end in
+the compressed view and at the zTOC's uncompressed size in the uncompressed view, as in soci.
+
+The zTOC's uncompressed size is, for soci's reader, only the end of the last span's
+uncompressed bytes (awslabs/soci-snapshotter v0.16.1 fs/span-manager/span_manager.go:
+`EndUncompressedOffset(maxSpan, UncompressedArchiveSize)`). soci writes where Go's archive/tar
+stops reading (ztoc/toc_builder.go: just past the end-of-archive blocks, not the record padding
+after them), and so does pysoci's builder now; earlier pysoci zTOCs hold the whole stream. Any
+value from the last span's start to the stream's end serves the same files: both are read.
 """
 
 from __future__ import annotations
@@ -262,11 +270,14 @@ def _validate_checkpoints(
 
 
 class TarZinfo:
-    """Fixed-size spans of an uncompressed tar layer."""
+    """Fixed-size spans of an uncompressed tar layer of `size` bytes, whose archive (the
+    uncompressed view) ends at `uncompressed_size` (default: `size`)."""
 
-    __slots__ = ("size", "span_size", "version")
+    __slots__ = ("_usize", "size", "span_size", "version")
 
-    def __init__(self, version: int, span_size: int, size: int) -> None:
+    def __init__(
+        self, version: int, span_size: int, size: int, uncompressed_size: int | None = None
+    ) -> None:
         if span_size <= 0:
             raise CheckpointError(f"span size {span_size} <= 0")
         if size < 0:
@@ -274,16 +285,24 @@ class TarZinfo:
         self.version = version
         self.span_size = span_size
         self.size = size
+        usize = size if uncompressed_size is None else uncompressed_size
+        last_start = max(self.num_spans - 1, 0) * span_size
+        if not last_start <= usize <= size:
+            raise CheckpointError(
+                f"uncompressed size {usize} of a {size}-byte tar layer is outside its last span "
+                f"[{last_start}, {size}]"
+            )
+        self._usize = usize
 
     @property
     def compressed_size(self) -> int:
-        """Same as the uncompressed size."""
+        """The blob's size (the tar's, padding included)."""
         return self.size
 
     @property
     def uncompressed_size(self) -> int:
-        """The tar size."""
-        return self.size
+        """Where the archive ends (at most the tar's size)."""
+        return self._usize
 
     @property
     def num_spans(self) -> int:
@@ -297,21 +316,23 @@ class TarZinfo:
 
     def span_of(self, uncompressed_offset: int) -> int:
         """The span holding `uncompressed_offset`."""
-        if not 0 <= uncompressed_offset < self.size:
+        if not 0 <= uncompressed_offset < self._usize:
             raise CheckpointError(
-                f"offset {uncompressed_offset} outside the layer (size {self.size})"
+                f"offset {uncompressed_offset} outside the layer (size {self._usize})"
             )
         return uncompressed_offset // self.span_size
 
     def uncompressed_bounds(self, span: int) -> tuple[int, int]:
-        """[start, end) of span."""
+        """[start, end) of span in the archive (the last one ends at `uncompressed_size`)."""
+        _check_span_id(span, self.num_spans)
+        start = span * self.span_size
+        return start, min(start + self.span_size, self._usize)
+
+    def compressed_bounds(self, span: int) -> tuple[int, int]:
+        """[start, end) of span in the blob (the last one ends at `size`)."""
         _check_span_id(span, self.num_spans)
         start = span * self.span_size
         return start, min(start + self.span_size, self.size)
-
-    def compressed_bounds(self, span: int) -> tuple[int, int]:
-        """Same as uncompressed_bounds."""
-        return self.uncompressed_bounds(span)
 
     def spans_for_range(self, offset: int, length: int) -> range:
         """The spans covering [offset, offset+length)."""
@@ -393,10 +414,9 @@ def decode_zinfo(
         )
     if algorithm == CompressionAlgorithm.UNCOMPRESSED:
         tar = decode_tar_zinfo(blob)
-        if not tar.size == uncompressed_size == compressed_size:
+        if tar.size != compressed_size:
             raise CheckpointError(
-                f"tar zinfo size {tar.size} does not match the layer sizes "
-                f"(compressed {compressed_size}, uncompressed {uncompressed_size})"
+                f"tar zinfo size {tar.size} does not match the layer size {compressed_size}"
             )
-        return tar
+        return TarZinfo(tar.version, tar.span_size, tar.size, uncompressed_size)
     raise CheckpointError(f"unknown compression algorithm {algorithm!r}")

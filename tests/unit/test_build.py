@@ -49,6 +49,16 @@ def reader_for(blob: bytes, compression: Compression, span_size: int) -> ZtocRea
     return ZtocReader(ztoc, lambda s, e: blob[s:e])
 
 
+def go_archive_end(tar: bytes) -> int:
+    """Where Go's archive/tar stops reading `tar` (Python's tarfile as the oracle): past the
+    last entry and the two end-of-archive blocks, before the record padding."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.getmembers()
+        end = t.offset
+    assert tar[end : end + 1024] == bytes(1024)
+    return end + 1024
+
+
 def assert_matches_tar(reader: ZtocReader, tar: bytes) -> None:
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         members = t.getmembers()
@@ -88,7 +98,12 @@ def test_every_file_through_the_ztoc_equals_tar(
     tar = random_tar(random.Random(seed), max_file_size=3 * span_size)
     blob, compression = compress(tar, variant)
     reader = reader_for(blob, compression, span_size)
-    assert reader.ztoc.uncompressed_archive_size == len(tar)
+    # soci's uncompressed size: the archive's end, unless the last span starts at or past it.
+    end = go_archive_end(tar)
+    last_start = reader.zinfo.uncompressed_bounds(reader.zinfo.max_span_id)[0]
+    usize = reader.ztoc.uncompressed_archive_size
+    assert usize == (end if last_start < end else len(tar))
+    assert tar[usize:] == bytes(len(tar) - usize)
     assert reader.ztoc.compressed_archive_size == len(blob)
     expected_algo = (
         CompressionAlgorithm.UNCOMPRESSED if variant == "none" else CompressionAlgorithm.GZIP
@@ -99,7 +114,34 @@ def test_every_file_through_the_ztoc_equals_tar(
     for _ in range(20):
         off = rng.randrange(len(tar))
         n = rng.randrange(0, 3 * span_size)
-        assert reader.read(off, n) == tar[off : off + n]
+        assert reader.read(off, n) == tar[:usize][off : off + n]
+
+
+@pytest.mark.parametrize("compression", [Compression.GZIP, Compression.UNCOMPRESSED])
+def test_uncompressed_size_is_where_the_archive_ends(compression: Compression) -> None:
+    """As soci's ztoc/toc_builder.go writes it (Go's archive/tar position at io.EOF): the
+    end-of-archive blocks count, the record padding after them does not. For the Debian
+    layer of the interop tests that is 267441664 of a 267448320-byte stream."""
+    tar = random_tar(random.Random(8), max_file_size=300_000)
+    assert len(tar) % tarfile.RECORDSIZE == 0 and len(tar) - go_archive_end(tar) > 0
+    blob = tar if compression is Compression.UNCOMPRESSED else gzip_blob(tar)
+    reader = reader_for(blob, compression, 64 << 10)
+    assert reader.ztoc.uncompressed_archive_size == go_archive_end(tar)
+    assert_matches_tar(reader, tar)
+
+
+def test_uncompressed_size_falls_back_to_the_stream_when_the_last_span_is_padding() -> None:
+    """A tar layer whose archive ends before its last span starts (the record padding spans
+    a span boundary): soci would write a last span of negative length, pysoci the whole
+    stream, so that every span stays readable."""
+    tar = random_tar(random.Random(1), max_file_size=0, max_entries=2)
+    end = go_archive_end(tar)
+    span = 512
+    assert (len(tar) - 1) // span * span >= end  # the last span lies in the padding
+    reader = reader_for(tar, Compression.UNCOMPRESSED, span)
+    assert reader.ztoc.uncompressed_archive_size == len(tar)
+    last = reader.zinfo.max_span_id
+    assert reader.read_spans(last, last) == bytes(span)
 
 
 def test_tampered_span_is_never_served() -> None:
@@ -158,7 +200,9 @@ def test_real_world_tree_fully_verified(tmp_path: Path) -> None:
     for span in range(zinfo.num_spans):
         s, e = zinfo.compressed_bounds(span)
         parts.append(inflate_spans(zinfo, span, span, blob[s:e]))
-    assert b"".join(parts) == tar
+    usize = reader.ztoc.uncompressed_archive_size
+    assert usize == go_archive_end(tar) < len(tar)
+    assert b"".join(parts) == tar[:usize] and tar[usize:] == bytes(len(tar) - usize)
     # Every entry's metadata and offsets agree with tarfile; every file's data is at its offset.
     by_name = {clean_path(f.name): f for f in reader.ztoc.files}
     assert len(by_name) == len(members)

@@ -263,6 +263,12 @@ def test_end_of_archive_forms(trailer: str) -> None:
     assert_matches_oracle(data, builder.finish())
     assert builder.at_end == (trailer in ("two", "full"))
     assert builder.bytes_consumed == len(data)
+    # Where Go's archive/tar stops reading (soci's uncompressed archive size): past the two
+    # zero blocks, never into the record padding; the stream's end when it comes first.
+    last_end = len(make_tar(all_kinds(), tarfile.GNU_FORMAT, "none"))
+    want = {"none": last_end, "one": last_end + 512, "two": last_end + 1024}
+    assert builder.archive_end == want.get(trailer, last_end + 1024)
+    assert trailer != "full" or builder.archive_end < len(data)
 
 
 def test_data_after_end_marker_is_ignored() -> None:
@@ -272,7 +278,7 @@ def test_data_after_end_marker_is_ignored() -> None:
     builder.feed(os.urandom(5000))
     toc = builder.finish()
     assert toc == build_toc([data])
-    assert builder.end_offset == len(data)
+    assert builder.end_offset == builder.archive_end == len(data)
     assert builder.entries == len(toc)
 
 

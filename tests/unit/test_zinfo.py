@@ -275,11 +275,42 @@ def test_tar_arithmetic() -> None:
         decode_zinfo(
             CompressionAlgorithm.UNCOMPRESSED,
             encode_tar_zinfo(1000, 2500),
-            compressed_size=2500,
-            uncompressed_size=2501,
+            compressed_size=2501,
+            uncompressed_size=2500,
         )
     with pytest.raises(CheckpointError):
         decode_tar_zinfo(encode_tar_zinfo(0, 10))
+
+
+@pytest.mark.parametrize("usize", [2000, 2100, 2499, 2500])
+def test_tar_layer_archive_may_end_before_the_blob(usize: int) -> None:
+    """soci writes a tar layer's uncompressed size where the archive ends (end-of-archive
+    blocks included, record padding not), pysoci once wrote the blob's size: both are read.
+    The last span is then shorter in the uncompressed view than in the blob (whose bytes its
+    digest covers)."""
+    z = decode_zinfo(
+        CompressionAlgorithm.UNCOMPRESSED,
+        encode_tar_zinfo(1000, 2500),
+        compressed_size=2500,
+        uncompressed_size=usize,
+    )
+    assert z.num_spans == 3 and z.uncompressed_size == usize and z.compressed_size == 2500
+    assert z.uncompressed_bounds(2) == (2000, usize)
+    assert z.compressed_bounds(2) == (2000, 2500)
+    assert z.spans_for_range(0, usize) == range(0, 3 if usize > 2000 else 2)
+    with pytest.raises(CheckpointError):
+        z.span_of(usize)
+
+
+@pytest.mark.parametrize("usize", [1999, 2501, -1])
+def test_tar_layer_archive_size_outside_the_last_span_is_refused(usize: int) -> None:
+    with pytest.raises(CheckpointError, match="outside its last span"):
+        decode_zinfo(
+            CompressionAlgorithm.UNCOMPRESSED,
+            encode_tar_zinfo(1000, 2500),
+            compressed_size=2500,
+            uncompressed_size=usize,
+        )
 
 
 def test_decode_zinfo_dispatch() -> None:
