@@ -255,7 +255,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     results = _run_with_registry(args, [ref], body, printer)
     _report(results)
-    print(f"stored in {_local_store(args)}; publish with: pysoci push {ref}")
+    print(f"stored in {_local_store(args).root}; publish with: pysoci push {ref}")
     return 0
 
 

@@ -4,6 +4,9 @@ It reads what the daemon publishes, never its internals: the snapshot store
 (`ROOT/metadata.db`, read-only: which layers were pulled for which image, lazily or not) and
 the per-layer status files of the FUSE mount (`ROOT/fuse/.status/<layer-id>.json`: fetched
 bytes, state, errors). A FUSE mount that is absent or disconnected means the daemon is down.
+Images mounted by `pysoci mount` under the same root are shown too, from their own FUSE
+mounts (`ROOT/mounts/<id>/state.json` names the image and directory, the layers' status is in
+`ROOT/mounts/<id>/fuse/.status/`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class ImageStatus:
 
     image: str
     layers: list[LayerStatus] = field(default_factory=list)
+    mount: str = ""
+    """For an image of `pysoci mount`: the directory it is mounted at."""
+    error: str = ""
+    """Why its layers cannot be shown (a `pysoci mount` whose server is gone)."""
 
     @property
     def lazy(self) -> list[LayerStatus]:
@@ -89,7 +96,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Per image and layer pulled through the daemon: whether the layer is served lazily "
             "or was unpacked locally (and why), how much of it is fetched, its state and last "
-            "error. Reads ROOT/metadata.db and ROOT/fuse/.status; the daemon must be running."
+            "error. Reads ROOT/metadata.db and ROOT/fuse/.status; the daemon must be running. "
+            "Images mounted with `pysoci mount --root ROOT` are shown too (their lazy layers, "
+            "from ROOT/mounts/<id>/fuse/.status)."
         ),
     )
     s.add_argument(
@@ -144,11 +153,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def collect(root: Path) -> list[ImageStatus]:
-    """Images and layers of ROOT's store, joined with the live layer statuses."""
+    """Images and layers of ROOT's store joined with the live layer statuses, then the images
+    of `pysoci mount` under ROOT. Raises DaemonNotRunningError when there is neither; with
+    mounts only, a daemon that is down is noted on stderr."""
+    mounts = collect_mounts(root)
+    try:
+        images = collect_daemon(root)
+    except DaemonNotRunningError as e:
+        if not mounts:
+            raise
+        if (root / "metadata.db").is_file():
+            print(f"pysoci status: {e}", file=sys.stderr)
+        images = []
+    return images + mounts
+
+
+def collect_daemon(root: Path) -> list[ImageStatus]:
+    """Images and layers of the daemon's store, joined with the live layer statuses."""
     mount = root / "fuse"
     if not (root / "metadata.db").is_file():
         raise DaemonNotRunningError(
-            f"no pysoci state at {root} (no metadata.db): is this the daemon's --root?"
+            f"no pysoci state at {root} (no metadata.db, no mounts/*/state.json): is this "
+            "the --root of `pysoci serve` or `pysoci mount`?"
         )
     if not is_pysoci_mount(mount):
         raise DaemonNotRunningError(
@@ -158,6 +184,36 @@ def collect(root: Path) -> list[ImageStatus]:
     statuses = read_statuses(mount)
     records = read_snapshots(root / "metadata.db")
     return build(records, statuses, root)
+
+
+def collect_mounts(root: Path) -> list[ImageStatus]:
+    """One image per `pysoci mount` under ROOT (`ROOT/mounts/<id>/state.json`), its lazy
+    layers from that mount's own status files."""
+    images: list[ImageStatus] = []
+    for state_file in sorted(root.glob("mounts/*/state.json")):
+        try:
+            state = json.loads(state_file.read_bytes())
+        except (OSError, ValueError):
+            state = {}
+        if not isinstance(state, dict):
+            state = {}
+        image = ImageStatus(str(state.get("ref") or UNKNOWN_IMAGE), mount=str(state.get("dir", "")))
+        fuse = state_file.parent / "fuse"
+        try:
+            if not is_pysoci_mount(fuse):
+                raise DaemonNotRunningError(f"{fuse} is not mounted")
+            statuses = read_statuses(fuse)
+        except DaemonNotRunningError as e:
+            image.error = f"its server is gone ({e}); clean up: pysoci unmount {image.mount}"
+            images.append(image)
+            continue
+        for layer_id, status in sorted(statuses.items()):
+            layer = LayerStatus(digest=str(status.get("digest", "")), mode="lazy")
+            layer.layerId = layer_id
+            _apply_status(layer, status)
+            image.layers.append(layer)
+        images.append(image)
+    return images
 
 
 def is_pysoci_mount(path: Path) -> bool:
@@ -304,6 +360,8 @@ def _image_json(image: ImageStatus) -> dict[str, Any]:
     fetched, total = image.totals()
     return {
         "image": image.image,
+        **({"mount": image.mount} if image.mount else {}),
+        **({"error": image.error} if image.error else {}),
         "fetchedBytes": fetched,
         "totalBytes": total,
         "layers": [asdict(layer) for layer in image.layers],
@@ -332,7 +390,11 @@ def render(images: list[ImageStatus], out: TextIO) -> None:
     for image in images:
         fetched, total = image.totals()
         lazy = image.lazy
-        line = f"{image.image}  ({len(lazy)} of {len(image.layers)} layers lazy"
+        where = f" (pysoci mount at {image.mount})" if image.mount else ""
+        if image.error:
+            out.write(f"{image.image}{where}: {image.error}\n")
+            continue
+        line = f"{image.image}{where}  ({len(lazy)} of {len(image.layers)} layers lazy"
         if total:
             line += f", {human_bytes(fetched)} / {human_bytes(total)} fetched"
             line += f", {100.0 * fetched / total:.1f}%"

@@ -141,3 +141,39 @@ def test_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 def test_mountinfo_unescape() -> None:
     assert status_cmd._unescape(r"/var/lib/with\040space") == "/var/lib/with space"
     assert status_cmd._unescape("/plain") == "/plain"
+
+
+def test_pysoci_mount_roots_show_their_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `pysoci mount` root has no metadata.db: its images are found from
+    ROOT/mounts/<id>/state.json and their layers from that mount's own status files.
+    (A real FUSE mount cannot be made here without root: the mountinfo check is stubbed; the
+    interop suite runs the real `pysoci mount` + `pysoci status`.)"""
+    live, gone = tmp_path / "mounts" / "1111", tmp_path / "mounts" / "2222"
+    (live / "fuse" / ".status").mkdir(parents=True)
+    (gone / "fuse").mkdir(parents=True)
+    (live / "state.json").write_text(json.dumps({"dir": "/mnt/app", "pid": 1, "ref": REF}))
+    (gone / "state.json").write_text(json.dumps({"dir": "/mnt/old", "pid": 2, "ref": "x/y:z"}))
+    (live / "fuse" / ".status" / "aaaa.json").write_text(
+        json.dumps({"digest": LAZY, "size": 1000, "fetchedSize": 500, "state": "fetching"})
+    )
+    monkeypatch.setattr(status_cmd, "is_pysoci_mount", lambda p: p == live / "fuse")
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{REF} (pysoci mount at /mnt/app)  (1 of 1 layers lazy, 500 B / 1000 B" in out
+    assert "sha256:aaaaaaaaaaaa  lazy   [##########..........]  50.0%" in out
+    assert "x/y:z (pysoci mount at /mnt/old): its server is gone" in out
+    assert "pysoci unmount /mnt/old" in out
+    assert main(["status", "--root", str(tmp_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(i["image"], i["mount"]) for i in doc["images"]] == [
+        (REF, "/mnt/app"),
+        ("x/y:z", "/mnt/old"),
+    ]
+    assert doc["images"][0]["layers"][0]["fetchedBytes"] == 500
+    # With a daemon store too, whose daemon is down: the mounts are shown, the daemon noted.
+    (tmp_path / "metadata.db").touch()
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "daemon is not running" in captured.err and REF in captured.out
