@@ -16,6 +16,7 @@ Writes bench/out/fleet.json and bench/out/fleet.md. Root only; not part of the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--image", default="python", choices=sorted(images.WORKLOADS))
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--keep", type=Path, help="work in this directory and keep it (logs of every node)"
+    )
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.nodes.split(",")]
     mirrors = args.mirrors.split(",")
@@ -111,14 +115,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown mirror {m!r}")
     workload = list(images.WORKLOADS[args.image].args)
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="pysoci-fleet-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            work = args.keep
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pysoci-fleet-")))
         layout = work / "layout"
         _, layers = images.write_layout(layout, args.image)
         size = sum(layer.size for layer in layers)
         for mirror in mirrors:
             kind: MirrorKind = mirror  # type: ignore[assignment]
-            f = Fleet(work / mirror, kind)
+            f = Fleet(work / f"{mirror}-{time.strftime('%H%M%S')}", kind)
             try:
                 f.open()
                 image = push_layout(f, layout, args.image, f"fleet/{args.image}", work, size)
