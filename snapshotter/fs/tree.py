@@ -62,6 +62,8 @@ _TYPE_BITS = {
 }
 assert TYPE_CODES[:7] == ("reg", "dir", "symlink", "hardlink", "char", "block", "fifo")
 
+_PAIRS = re.compile(rb"/[/.]")
+"""Where a name may hold "//" or a "." component (rare: hidden files, sloppy names)."""
 _UNSIMPLE = re.compile(rb"(?:^|/)\.\.?(?:/|$)|//|^/|/$|\0")
 """Keys that a stripped raw name cannot be used as: clean them with posixpath."""
 
@@ -387,8 +389,8 @@ class _Build:
         self.base_len = e - self.base_start
         # Names that stripping alone does not clean ("//", "." or ".." components, a NUL):
         # found on the whole blob at once, then cleaned one by one.
-        pair = (u8[:-1] == 0x2F) & ((u8[1:] == 0x2F) | (u8[1:] == 0x2E))
-        marks = np.concatenate([np.flatnonzero(pair), np.flatnonzero(u8 == 0)])
+        pairs = np.fromiter((m.start() for m in _PAIRS.finditer(blob)), np.int64)
+        marks = np.concatenate([pairs, np.flatnonzero(u8 == 0)])
         marks.sort()
         count = np.searchsorted(marks, e) - np.searchsorted(marks, s)
         clip = len(u8) - 1
@@ -425,7 +427,11 @@ class _Build:
         self.cur: list[int] = [-1] * n
         self.under: list[int] = [-1] * n
         self.placed_by: list[int] = [-1] * n
-        parent_keys = [k.rpartition(b"/")[0] for k in keys]
+        parent_end = np.where(self.base_start > s, self.base_start - 1, s)
+        parent_keys = [blob[a:z] for a, z in zip(s.tolist(), parent_end.tolist(), strict=True)]
+        for i in self.unsimple:
+            k = keys[i]
+            parent_keys[i] = k[: max(k.rfind(b"/"), 0)]
         parent: list[int | None] = list(map(ids.get, parent_keys))
         self.parent: list[int] = parent  # type: ignore[assignment]  # Nones fixed below
         for i in [i for i, q in enumerate(parent) if q is None]:

@@ -278,6 +278,7 @@ class TableColumns:
             b.spend(min(int(vtsize.sum()), size), "vtable")
             b.spend(int(objsize.sum()), "table")
         self.pos = pos
+        self._offset_cache: dict[int, npt.NDArray[np.int64]] = {}
         self._vt = vt
         self._vtsize = vtsize
         self._objsize = objsize
@@ -300,11 +301,37 @@ class TableColumns:
         windows = sliding_window_view(self._u8, w)
         return np.ascontiguousarray(windows[p]).view(dt).reshape(-1)
 
+    def _offsets(self, slot: int) -> npt.NDArray[np.int64]:
+        """The field offset of `slot` in every table (0: absent). The first call reads the
+        first slots of every vtable in one gather."""
+        got = self._offset_cache.get(slot)
+        if got is not None:
+            return got
+        width = 16
+        idx = np.flatnonzero(self._vtsize > 4)
+        if not self._offset_cache and not (self._vt[idx] & 1).any():
+            slots = np.arange(width, dtype=np.int64)
+            halves: npt.NDArray[np.uint16] = np.frombuffer(
+                self._b.view, "<u2", count=self._b.size // 2
+            )
+            first = (self._vt[idx] + 4) // 2
+            block = halves[np.minimum(first[:, None] + slots[None, :], len(halves) - 1)]
+            block = np.where(4 + 2 * slots[None, :] < self._vtsize[idx, None], block, 0)
+            for k in range(width):
+                column = np.zeros(self.count, np.int64)
+                column[idx] = block[:, k]
+                self._offset_cache[k] = column
+            got = self._offset_cache.get(slot)
+        if got is None:  # odd vtables, or a slot past the block: this slot alone
+            has = np.flatnonzero(self._vtsize > 4 + 2 * slot)
+            got = np.zeros(self.count, np.int64)
+            got[has] = self.gather(self._vt[has] + 4 + 2 * slot, "<u2")
+            self._offset_cache[slot] = got
+        return got
+
     def field(self, slot: int, size: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
         """Which tables have the field, and its absolute position (0 where absent)."""
-        has = np.flatnonzero(self._vtsize > 4 + 2 * slot)
-        off = np.zeros(self.count, np.int64)
-        off[has] = self.gather(self._vt[has] + 4 + 2 * slot, "<u2")
+        off = self._offsets(slot)
         present = off != 0
         self._fail(np.flatnonzero(present & ((off < 4) | (off + size > self._objsize))))
         return present, np.where(present, self.pos + off, 0)
