@@ -901,8 +901,8 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) * 1024
-blob = open(sys.argv[1], "rb").read()
 base = rss()
+blob = open(sys.argv[1], "rb").read()
 t0 = time.perf_counter()
 z = decode_ztoc(blob)
 t1 = time.perf_counter()

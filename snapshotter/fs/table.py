@@ -351,6 +351,9 @@ class MountTable:
             verifier = HeaderVerifier(
                 layer.layer_id, tree.header_start, tree.entries.offset, tree.expected
             )
+            if not layer.closed:
+                layer.tree, layer.verifier = tree, verifier
+                layer.data.set_span_observer(verifier.observe_span)
         except trio.Cancelled:
             layer.build_error = "the FUSE session stopped while its tree was being built"
             raise
@@ -360,10 +363,6 @@ class MountTable:
             return
         finally:
             layer.ready.set()
-        if layer.closed:
-            return
-        layer.tree, layer.verifier = tree, verifier
-        layer.data.set_span_observer(verifier.observe_span)
         log.info(
             "layer %s: tree of %d inodes from %d entries built in %.2f s",
             layer.layer_id,
@@ -371,15 +370,14 @@ class MountTable:
             len(tree.entries),
             time.perf_counter() - started,
         )
+        del ztoc, tree, verifier  # the blob and its decoded columns go with ztoc
+        if _MALLOC_TRIM is not None:
+            # Decoding and building allocate and free several times what the tree keeps;
+            # glibc would keep that in its heap (4-5x the tree's own size in RSS).
+            await trio.to_thread.run_sync(_MALLOC_TRIM, 0)
 
     def _build_in_thread(self, ztoc: Ztoc, first_ino: int) -> LayerTree:
-        tree = build_tree(ztoc, first_ino, opaque_xattr=self.opaque_xattr)
-        del ztoc
-        # The build allocates and frees several times what the tree keeps: without a trim,
-        # glibc keeps that in its heap (4-5x the tree's own size in RSS).
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
-        return tree
+        return build_tree(ztoc, first_ino, opaque_xattr=self.opaque_xattr)
 
     def remove_layer(self, layer_id: str) -> MountedLayer:
         """Take the layer out of the mount; its open handles fail from now on."""

@@ -787,11 +787,12 @@ def _finish(
         )
     special = _special_entries(c)
     special[whiteout_entries] = True
+    starts = header_starts(c)
     return LayerTree(
         first_ino=first_ino,
         total_size=ztoc.uncompressed_archive_size,
-        entries=c,
-        header_start=header_starts(c),
+        entries=c.compact(),
+        header_start=starts,
         node_entry=entries,
         node_kind=kinds,
         nlink=nlink,

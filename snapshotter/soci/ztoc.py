@@ -6,6 +6,7 @@ order below is the vtable slot order of soci's schema.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -296,17 +297,17 @@ class EntryColumns:
     """
 
     blob: bytes
-    name_start: npt.NDArray[np.int64]
-    name_len: npt.NDArray[np.int64]
-    link_start: npt.NDArray[np.int64]
-    link_len: npt.NDArray[np.int64]
-    kind: npt.NDArray[np.uint8]
-    offset: npt.NDArray[np.int64]
-    size: npt.NDArray[np.int64]
-    mode: npt.NDArray[np.int64]
-    uid: npt.NDArray[np.int64]
-    gid: npt.NDArray[np.int64]
-    mtime_ns: npt.NDArray[np.int64]
+    name_start: npt.NDArray[Any]
+    name_len: npt.NDArray[Any]
+    link_start: npt.NDArray[Any]
+    link_len: npt.NDArray[Any]
+    kind: npt.NDArray[Any]
+    offset: npt.NDArray[Any]
+    size: npt.NDArray[Any]
+    mode: npt.NDArray[Any]
+    uid: npt.NDArray[Any]
+    gid: npt.NDArray[Any]
+    mtime_ns: npt.NDArray[Any]
     devices: dict[int, tuple[int, int]]
     """Entries with device numbers other than 0:0."""
     xattrs: dict[int, dict[str, str]]
@@ -315,6 +316,20 @@ class EntryColumns:
 
     def __len__(self) -> int:
         return len(self.kind)
+
+    def compact(self) -> EntryColumns:
+        """The same columns in the smallest integer types that hold their values."""
+        out = dataclasses.replace(self)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray) and value.dtype == np.int64 and len(value):
+                lo, hi = int(value.min()), int(value.max())
+                for dt in (np.uint8, np.uint16, np.uint32, np.int32):
+                    info = np.iinfo(dt)
+                    if info.min <= lo and hi <= info.max:
+                        setattr(out, f.name, value.astype(dt))
+                        break
+        return out
 
     def name(self, entry: int) -> bytes:
         """The raw tar name of an entry."""
