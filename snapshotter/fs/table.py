@@ -164,6 +164,7 @@ class MountedLayer:
         if self.closed:
             raise FsOpError(errno.EIO, f"layer {self.layer_id} is unmounted")
         if self.tree is None or self.verifier is None:
+            log.error("layer %s has no tree: %s", self.layer_id, self.build_error)
             raise FsOpError(errno.EIO, f"layer {self.layer_id}: {self.build_error}")
         return self.tree, self.verifier
 
@@ -197,9 +198,7 @@ class MountedLayer:
                 for entry in gates:
                     nursery.start_soon(one, entry)
         if failures:
-            self.read_errors += 1
-            self.last_error = failures[0]
-            raise FsOpError(errno.EIO, failures[0])
+            raise self.fail(f"entries {gates}", failures[0])
 
     async def _read_chain(self, offset: int, length: int) -> bytes:
         return await self.data.read(offset, length, readahead_until=offset + length)
