@@ -21,15 +21,20 @@ from pathlib import Path
 
 import trio
 
+from snapshotter.bridge import TrioBridge
 from snapshotter.config import Config, unpack_bounds
 from snapshotter.content.discovery import Modes
 from snapshotter.content.local_layers import LocalLayers
-from snapshotter.layers import LazyLayers
+from snapshotter.dataplane.lazy import LazyLayers
+from snapshotter.dataplane.plane import LocalDataPlane
+from snapshotter.legacy import migrate_lazy_records
 from snapshotter.lifecycle import lock_root, overlays_using, unmount_stale_fuse
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.node import node_registry_client
+from snapshotter.remote.hook import SociRemote
+from snapshotter.remote.layers import RemoteLayers
+from snapshotter.remote.resolve import ImageResolver
 from snapshotter.sdnotify import notify
-from snapshotter.service.remote import SociRemote, TrioBridge
 from snapshotter.service.server import serve
 from snapshotter.service.snapshots import Snapshotter
 from snapshotter.service.store import Store
@@ -42,6 +47,11 @@ DEFAULT_ADDRESS = "/run/pysoci/pysoci.sock"
 def registry_client(config: Config) -> RegistryClient:
     """The daemon's registry client: hosts.toml, mirrors and Docker credentials of the node."""
     return node_registry_client(config)
+
+
+def modes(config: Config) -> Modes:
+    """Which ways of finding an index the config enables."""
+    return Modes(v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable)
 
 
 async def serve_daemon(config: Config, root: Path, address: str, *, max_workers: int = 16) -> None:
@@ -80,28 +90,29 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with registry_client(config) as client, trio.open_nursery() as nursery:
             await nursery.start(lazy.run)
-            bridge = TrioBridge(trio.lowlevel.current_trio_token())
-            remote = SociRemote(
-                client,
-                lazy,
-                LocalLayers(root / "layers", bounds=unpack_bounds(config)),
-                bridge,
-                modes=Modes(
-                    v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable
-                ),
-                state_dir=root,
+            plane = LocalDataPlane(
+                lazy, client, ztoc_dir=root / "ztocs", local_store_dir=root / "content"
             )
-            snapshotter = Snapshotter(root, store, remote=remote)
+            snapshotter = Snapshotter(root, store)
+            remote = RemoteLayers(
+                ImageResolver(client, modes=modes(config), local_store_dir=root / "content"),
+                plane,
+                LocalLayers(root / "layers", bounds=unpack_bounds(config)),
+                users=snapshotter.layer_users,
+            )
+            snapshotter.remote = SociRemote(remote, TrioBridge(trio.lowlevel.current_trio_token()))
+            await trio.to_thread.run_sync(migrate_lazy_records, root, snapshotter)
             layers = await trio.to_thread.run_sync(snapshotter.layers)
             counts = await remote.restore(layers)
             await trio.to_thread.run_sync(snapshotter.cleanup)
             log.info(
-                "restored %d snapshot(s) on %d lazy layer(s) (%d not mountable now) and %d "
-                "local layer(s) in %.2f s",
+                "restored %d snapshot(s): %d lazy layer(s) still served, %d mounted again, "
+                "%d not mountable now, %d local layer(s) in %.2f s",
                 len(layers),
-                counts["mounted"],
-                counts["failed"],
-                counts["local"],
+                counts.kept,
+                counts.mounted,
+                counts.failed,
+                counts.local,
                 time.monotonic() - started,
             )
             server = serve(snapshotter, address, max_workers=max_workers)

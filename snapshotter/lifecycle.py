@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.errors import PysociError
+from snapshotter.mountinfo import MountEntry, mount_table, mounts_at, overlay_lowerdirs
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,6 @@ _CONTAINER_ROOTFS = re.compile(r"/io\.containerd\.runtime\.v2\.task/([^/]+)/([^/
 
 class RootBusyError(PysociError):
     """Another pysoci process serves the same root."""
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo."""
-
-    mount_point: str
-    fstype: str
-    source: str
-    super_options: str
 
 
 @dataclass(frozen=True)
@@ -70,29 +61,9 @@ def lock_root(root: Path) -> int:
     return fd
 
 
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (\\040 for a space, ...)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_table(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
-    """Every mount this process sees."""
-    out: list[MountEntry] = []
-    with open(path) as f:
-        for line in f:
-            left, sep, right = line.rstrip("\n").partition(" - ")
-            fields = left.split()
-            rest = right.split(" ", 2)
-            if not sep or len(fields) < 5 or len(rest) < 3:
-                continue
-            out.append(MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), rest[2]))
-    return out
-
-
 def fuse_mounts_at(mountpoint: Path) -> list[MountEntry]:
     """The FUSE mounts stacked at `mountpoint`."""
-    target = os.path.abspath(mountpoint)
-    return [m for m in mount_table() if m.mount_point == target and m.fstype.startswith("fuse")]
+    return mounts_at(mountpoint, fstype_prefix="fuse")
 
 
 def unmount_stale_fuse(mountpoint: Path) -> int:
@@ -125,12 +96,8 @@ def overlays_using(fuse_root: Path) -> list[OverlayUser]:
     for m in mount_table():
         if m.fstype != "overlay":
             continue
-        lower = ""
-        for opt in m.super_options.split(","):
-            if opt.startswith("lowerdir="):
-                lower = opt[len("lowerdir=") :]
         ids = tuple(
-            d[len(prefix) :].split("/", 1)[0] for d in lower.split(":") if d.startswith(prefix)
+            d[len(prefix) :].split("/", 1)[0] for d in overlay_lowerdirs(m) if d.startswith(prefix)
         )
         if ids:
             users.append(OverlayUser(m.mount_point, ids))

@@ -26,12 +26,14 @@ import trio
 from snapshotter.cli.registry_args import add_registry_options, registry_client
 from snapshotter.config import Config, load_config, unpack_bounds
 from snapshotter.content.discovery import Modes
-from snapshotter.content.layout import OciLayout
 from snapshotter.content.local_layers import LocalLayers
+from snapshotter.dataplane.lazy import LazyLayers
+from snapshotter.dataplane.plane import LocalDataPlane
 from snapshotter.errors import PysociError
-from snapshotter.layers import LazyLayers
+from snapshotter.overlay import mount_overlay, unmount
 from snapshotter.registry.reference import parse_reference
-from snapshotter.rootfs import ImageLayers, PreparedImage, mount_overlay, unmount
+from snapshotter.remote.layers import PreparedImage, RemoteLayers
+from snapshotter.remote.resolve import ImageResolver
 from snapshotter.soci import oci
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,14 @@ def _mount_dir(root: Path, target: Path) -> Path:
     return root / "mounts" / key
 
 
-def _summary(ref: str, target: Path, image: PreparedImage) -> str:
-    lines = [f"mounted {ref} ({image.manifest.digest}) at {target}"]
+def _summary(ref: str, target: Path, prepared: PreparedImage) -> str:
+    image = prepared.image
+    lines = [f"mounted {ref} ({image.manifest_digest}) at {target}"]
     if image.index:
         lines.append(f"SOCI index {image.index.descriptor.digest} ({image.index.source})")
-    for layer in image.layers:
-        how = "lazy " if layer.lazy else f"local ({layer.reason})"
-        lines.append(f"  {how:<40} {layer.descriptor.digest} {layer.descriptor.size} bytes")
+    for desc, layer in zip(image.manifest.layers, prepared.layers, strict=True):
+        how = "lazy " if layer.remote else f"local ({layer.local_reason})"
+        lines.append(f"  {how:<40} {desc.digest} {desc.size} bytes")
     return "\n".join(lines)
 
 
@@ -88,8 +91,6 @@ async def _serve(args: argparse.Namespace, config: Config, ready: Any) -> None:
     workdir = _mount_dir(root, args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
     ref = parse_reference(args.ref)
-    store_path = root / "content"
-    store = OciLayout.open(store_path) if (store_path / "oci-layout").exists() else None
     lazy = LazyLayers(config, workdir / "fuse", root / "cache")
     platform = oci.parse_platform(args.platform) if args.platform else None
     async with (
@@ -97,18 +98,20 @@ async def _serve(args: argparse.Namespace, config: Config, ready: Any) -> None:
         trio.open_nursery() as nursery,
     ):
         await nursery.start(lazy.run)
-        layers = ImageLayers(
+        resolver = ImageResolver(
             client,
-            lazy,
-            LocalLayers(root / "layers", bounds=unpack_bounds(config)),
             modes=Modes(v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable),
-            store=store,
+            local_store_dir=root / "content",
+        )
+        plane = LocalDataPlane(lazy, client, local_store_dir=root / "content")
+        layers = RemoteLayers(
+            resolver, plane, LocalLayers(root / "layers", bounds=unpack_bounds(config))
         )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            image = await layers.prepare(
+            image = await layers.prepare_image(
                 ref, platform=platform, index_digest=args.soci_index_digest
             )
-            await mount_overlay([layer.path for layer in image.layers], args.dir)
+            await mount_overlay([Path(layer.layer_dir) for layer in image.layers], args.dir)
             try:
                 state = {"dir": str(args.dir.resolve()), "pid": os.getpid(), "ref": str(ref)}
                 (workdir / "state.json").write_text(json.dumps(state))

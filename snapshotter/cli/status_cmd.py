@@ -22,17 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from snapshotter import labels as label_names
 from snapshotter.cli.progress import human_bytes
 from snapshotter.config import DEFAULT_ROOT
 from snapshotter.errors import PysociError
-from snapshotter.service.snapshots import LOCAL_REASON_LABEL
+from snapshotter.mountinfo import mounts_at
 from snapshotter.service.store import Kind, SnapshotRecord, Txn
-
-LABEL_CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-LABEL_STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
-LABEL_CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-LABEL_STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
-LABEL_LOCAL_REASON = LOCAL_REASON_LABEL
 
 REASON_BY_CONTAINERD = "unpacked by containerd (no SOCI index, or no remote-snapshot labels)"
 REASON_BY_PYSOCI = "unpacked by pysoci (no zTOC for this layer, or the lazy mount failed)"
@@ -218,36 +213,11 @@ def collect_mounts(root: Path) -> list[ImageStatus]:
 
 def is_pysoci_mount(path: Path) -> bool:
     """Whether `path` is a mount point of a pysoci FUSE session (in this mount namespace)."""
-    target = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
+        stacked = mounts_at(os.path.realpath(path))
     except OSError:
         return path.is_mount()
-    found = False
-    for line in lines:
-        head, sep, tail = line.partition(" - ")
-        fields = head.split()
-        if sep and len(fields) > 4 and _unescape(fields[4]) == target:
-            found = tail.split(" ", 1)[0] == "fuse.pysoci"  # the last match is the top one
-    return found
-
-
-def _unescape(text: str) -> str:
-    """Undo mountinfo's octal escapes (`\\040` for a space)."""
-    if "\\" not in text:
-        return text
-    raw = text.encode()
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
+    return bool(stacked) and stacked[-1].fstype == "fuse.pysoci"  # the last one is on top
 
 
 def read_statuses(mount: Path) -> dict[str, dict[str, Any]]:
@@ -306,8 +276,8 @@ def build(
         if rec.kind != Kind.COMMITTED:
             continue
         labels = rec.labels
-        digest = labels.get(LABEL_CRI_LAYER_DIGEST) or labels.get(LABEL_STARGZ_DIGEST)
-        image = labels.get(LABEL_CRI_IMAGE_REF) or labels.get(LABEL_STARGZ_REFERENCE)
+        digest = label_names.layer_digest(labels)
+        image = label_names.image_ref(labels)
         if not digest and not rec.remote:
             continue  # not a layer pulled through the remote-snapshot path
         layer = LayerStatus(digest=digest or "", mode="lazy" if rec.remote else "local")
@@ -318,7 +288,7 @@ def build(
             _apply_status(layer, statuses.get(layer.layerId))
         elif not rec.remote:
             layer.state = "local"
-            layer.reason = labels.get(LABEL_LOCAL_REASON) or (
+            layer.reason = labels.get(label_names.LOCAL_REASON) or (
                 REASON_BY_PYSOCI
                 if rec.layer_dir and os.path.realpath(rec.layer_dir).startswith(layers_dir)
                 else REASON_BY_CONTAINERD

@@ -28,6 +28,7 @@ from snapshotter.fs.table import (
     MountTable,
 )
 from snapshotter.fs.tree import DEFAULT_OPAQUE_XATTR
+from snapshotter.mountinfo import mounts_at
 from snapshotter.soci.ztoc import Ztoc
 
 log = logging.getLogger(__name__)
@@ -176,25 +177,11 @@ def set_read_ahead(mountpoint: Path, kib: int) -> None:
     The device number comes from /proc/self/mountinfo, not from a stat of the mountpoint,
     which from the serving thread would wait for its own answer.
     """
-    target = os.path.abspath(mountpoint)
-    device = None
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target:
-                    device = fields[2]  # the last match is the topmost mount
-        if device is None:
-            raise OSError(f"{target} not in /proc/self/mountinfo")
+        stacked = mounts_at(mountpoint)
+        if not stacked:
+            raise OSError(f"{os.path.abspath(mountpoint)} not in /proc/self/mountinfo")
+        device = stacked[-1].device  # the topmost mount
         Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{kib}\n")
     except OSError as e:
         log.warning("cannot set readahead of %s to %d KiB: %s", mountpoint, kib, e)
-
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (space, tab, newline, backslash)."""
-    if "\\" not in field:
-        return field
-    return (
-        field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
-    )

@@ -18,12 +18,13 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from snapshotter import labels as label_names
 from snapshotter.errors import ResourceLimitError
 from snapshotter.service import (
     AlreadyExistsError,
@@ -39,11 +40,6 @@ from snapshotter.service.store import Kind, SnapshotRecord, Store, StoreFullErro
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
-REMOTE_LABEL = "containerd.io/snapshot/remote"
-REMOTE_LABEL_VALUE = "remote snapshot"
-LOCAL_REASON_LABEL = "pysoci.io/local-reason"
-"""On committed layers pysoci unpacked itself: why not lazily (read by `pysoci status`)."""
 MAX_LABEL_SIZE = 4096
 
 
@@ -55,30 +51,34 @@ class RemoteLayer:
     layer_dir: str
     remote: bool
     local_reason: str = ""
-    """Why a layer of an indexed image was unpacked instead (kept as LABEL_LOCAL_REASON)."""
+    """Why a layer of an indexed image was unpacked instead (kept as labels.LOCAL_REASON)."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """`pysoci.io/` labels the committed snapshot keeps (what serving it again needs)."""
 
 
 class RemoteHook(Protocol):
-    """The remote-snapshot data plane, as the service sees it (called from gRPC threads)."""
+    """Remote layers, as the service sees them (called from gRPC threads)."""
 
     def prepare_remote(
         self,
         key: str,
         parent: str | None,
         labels: Mapping[str, str],
-        parent_layers: Sequence[str],
+        parent_layers: Sequence[LayerRecord],
+        commit: Callable[[RemoteLayer], None],
     ) -> RemoteLayer | None:
         """Provide the layer Prepare(key, parent, labels) targets (labels hold
-        `containerd.io/snapshot.ref`), or None for an ordinary Prepare. `parent_layers` are
-        the directories of the parent chain, nearest first."""
+        `containerd.io/snapshot.ref`) and record it with `commit` (while nothing can release
+        it), or None for an ordinary Prepare. `parent_layers`: the remote and local layers
+        of the parent chain, nearest first."""
         ...
 
-    def check(self, layer_dirs: Sequence[str]) -> None:
+    def check(self, records: Sequence[LayerRecord]) -> None:
         """Raise UnavailableError when one of these remote layers cannot be served."""
         ...
 
-    def release(self, layer_dir: str) -> None:
-        """The snapshot whose layer lives in `layer_dir` was removed."""
+    def release(self, record: LayerRecord) -> None:
+        """A snapshot on `record`'s layer was removed (others may still use the layer)."""
         ...
 
 
@@ -110,6 +110,12 @@ class LayerRecord:
     layer_dir: str
     remote: bool
     labels: Mapping[str, str]
+
+    @classmethod
+    def of(cls, rec: SnapshotRecord) -> LayerRecord:
+        """The layer record of a store row that has a `layer_dir`."""
+        assert rec.layer_dir is not None
+        return cls(rec.name, rec.layer_dir, rec.remote, dict(rec.labels))
 
 
 def validate_labels(labels: Mapping[str, str]) -> None:
@@ -210,11 +216,11 @@ class Snapshotter:
         return rec.layer_dir if rec.layer_dir else str(self.upper_path(rec.id))
 
     def _check_remote(self, parents: Sequence[SnapshotRecord]) -> None:
-        dirs = [self.layer_path(p) for p in parents if p.remote]
-        if not dirs or self.remote is None:
+        remote = [LayerRecord.of(p) for p in parents if p.remote and p.layer_dir]
+        if not remote or self.remote is None:
             return
         try:
-            self.remote.check(dirs)
+            self.remote.check(remote)
         except UnavailableError:
             raise
         except Exception as e:
@@ -241,7 +247,7 @@ class Snapshotter:
         """
         labels = dict(labels or {})
         validate_labels(labels)
-        target = labels.get(SNAPSHOT_REF_LABEL, "")
+        target = labels.get(label_names.TARGET, "")
         if target:
             self._prepare_remote(key, parent, labels, target)
         return self._create(Kind.ACTIVE, key, parent, labels)
@@ -270,30 +276,16 @@ class Snapshotter:
                 prec = self._require_parent(tx, parent)
                 chain = [prec, *tx.parents(prec)] if prec else []
             self._check_remote(chain)
-            try:
-                layer = self.remote.prepare_remote(
-                    key, parent or None, labels, [self.layer_path(p) for p in chain]
-                )
-            except ResourceLimitError as e:
-                # Not a fallback: containerd's own unpack would fill the disk the same way.
-                raise ResourceExhaustedError(f"snapshot {target!r}: {e}") from e
-            except Exception:
-                log.exception(
-                    "REMOTE SNAPSHOT FAILED for %s (key %r): falling back to an ordinary "
-                    "Prepare, containerd will download and unpack the layer",
-                    target,
-                    key,
-                )
-                return
-            if layer is None:
-                return
-            usage = Usage() if layer.remote else disk_usage(layer.layer_dir)
-            tlabels = dict(labels)
-            if layer.remote:
-                tlabels[REMOTE_LABEL] = REMOTE_LABEL_VALUE
-            elif layer.local_reason:
-                tlabels[LOCAL_REASON_LABEL] = layer.local_reason
-            try:
+
+            def commit(layer: RemoteLayer) -> None:
+                usage = Usage() if layer.remote else disk_usage(layer.layer_dir)
+                tlabels = {k: v for k, v in labels.items() if not k.startswith(label_names.PREFIX)}
+                tlabels.update(layer.labels)
+                if layer.remote:
+                    tlabels[label_names.REMOTE] = label_names.REMOTE_VALUE
+                elif layer.local_reason:
+                    tlabels[label_names.LOCAL_REASON] = layer.local_reason
+                validate_labels(tlabels)
                 with self.store.write() as tx:
                     prec = self._require_parent(tx, parent)
                     tx.insert(
@@ -307,9 +299,25 @@ class Snapshotter:
                         size=usage.size,
                         inodes=usage.inodes,
                     )
-            except Exception:
-                self._release(layer.layer_dir)
+
+            parents = [LayerRecord.of(p) for p in chain if p.layer_dir]
+            try:
+                layer = self.remote.prepare_remote(key, parent or None, labels, parents, commit)
+            except AlreadyExistsError:
                 raise
+            except ResourceLimitError as e:
+                # Not a fallback: containerd's own unpack would fill the disk the same way.
+                raise ResourceExhaustedError(f"snapshot {target!r}: {e}") from e
+            except Exception:
+                log.exception(
+                    "REMOTE SNAPSHOT FAILED for %s (key %r): falling back to an ordinary "
+                    "Prepare, containerd will download and unpack the layer",
+                    target,
+                    key,
+                )
+                return
+            if layer is None:
+                return
             log.info(
                 "prepare %r: %s snapshot %s in %s",
                 key,
@@ -427,8 +435,11 @@ class Snapshotter:
         d = self.snapshots_dir / str(rec.id)
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)
-        if rec.layer_dir:
-            self._release(rec.layer_dir)
+        if rec.layer_dir and self.remote is not None:
+            try:
+                self.remote.release(LayerRecord.of(rec))
+            except Exception:
+                log.exception("releasing layer %s failed", rec.layer_dir)
 
     def _remove_record(self, key: str) -> SnapshotRecord:
         with self.store.write() as tx:
@@ -438,13 +449,10 @@ class Snapshotter:
             tx.delete(rec.id)
         return rec
 
-    def _release(self, layer_dir: str) -> None:
-        if self.remote is None:
-            return
-        try:
-            self.remote.release(layer_dir)
-        except Exception:
-            log.exception("releasing layer %s failed", layer_dir)
+    def layer_users(self, layer_dir: str) -> int:
+        """How many snapshots use the layer directory `layer_dir`."""
+        with self.store.read() as tx:
+            return tx.count_layer_users(layer_dir)
 
     @staticmethod
     def _info(rec: SnapshotRecord) -> Info:
@@ -465,7 +473,8 @@ class Snapshotter:
     def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
         """Update the labels of snapshot `info.name`: all of them (no paths, or `labels`) or
         the named ones (`labels.<key>`); an empty value removes a label. Other paths are
-        immutable: InvalidArgumentError."""
+        immutable: InvalidArgumentError. pysoci's own labels (`pysoci.io/`) stay as they
+        are: they are what serving a remote layer again needs."""
         validate_labels(info.labels)
         with self.store.write() as tx:
             rec = tx.require(info.name)
@@ -482,7 +491,10 @@ class Snapshotter:
                     raise InvalidArgumentError(
                         f"cannot update {path!r} field on snapshot {info.name!r}"
                     )
-            labels = {k: v for k, v in labels.items() if v != ""}
+            labels = {
+                k: v for k, v in labels.items() if v != "" and not k.startswith(label_names.PREFIX)
+            }
+            labels.update({k: v for k, v in rec.labels.items() if k.startswith(label_names.PREFIX)})
             tx.set_labels(rec.id, labels, _now())
             out = tx.get_id(rec.id)
             assert out is not None
@@ -512,11 +524,15 @@ class Snapshotter:
         """Snapshots whose directory another component made (remote or local layers), e.g.
         to restore lazy mounts after a restart."""
         with self.store.read() as tx:
-            return [
-                LayerRecord(r.name, r.layer_dir, r.remote, dict(r.labels))
-                for r in tx.all()
-                if r.layer_dir
-            ]
+            return [LayerRecord.of(r) for r in tx.all() if r.layer_dir]
+
+    def add_labels(self, name: str, labels: Mapping[str, str]) -> None:
+        """Set labels of snapshot `name` (pysoci's own included: for records of older
+        versions moved into the metastore)."""
+        validate_labels(labels)
+        with self.store.write() as tx:
+            rec = tx.require(name)
+            tx.set_labels(rec.id, {**rec.labels, **labels}, _now())
 
     def close(self) -> None:
         """Close the store (idempotent)."""

@@ -203,6 +203,11 @@ class Txn:
             pid = parent.parent_id
         return chain
 
+    def count_layer_users(self, layer_dir: str) -> int:
+        """How many snapshots have `layer_dir` as their directory."""
+        row = self._c.execute("SELECT COUNT(*) FROM snapshots WHERE layer_dir = ?", (layer_dir,))
+        return int(row.fetchone()[0])
+
     def has_children(self, id_: int) -> bool:
         """Whether any snapshot has `id_` as its parent."""
         row = self._c.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (id_,))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import random
 import socket
@@ -27,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.lifecycle import fuse_mounts_at, overlays_using
-from snapshotter.rootfs import layer_id
 from tests.fixtures.containerd import Containerd, Pysoci, start_containerd
+from tests.fixtures.containerd import layer_status as status_of
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.images import GZIP_LAYER, Layer, pigz_blob, write_image
@@ -180,8 +179,7 @@ SHA_SCRIPT = "import hashlib; print(hashlib.sha256(open('/data/blob','rb').read(
 
 
 def layer_status(rig: Rig, digest: str) -> dict[str, object]:
-    path = rig.root / "fuse" / ".status" / f"{layer_id(digest)}.json"
-    return dict(json.loads(path.read_text()))
+    return status_of(rig.root, digest)
 
 
 def wait_for(pred: object, timeout: float, what: str) -> None:
@@ -386,7 +384,6 @@ def test_cleanup_cache_bound_and_memory(rig: Rig) -> None:
     assert rig.pysoci.proc is not None
     pid = rig.pysoci.proc.pid
     assert list((rig.root / "cache").iterdir()) == []
-    assert list((rig.root / "lazy").glob("*.json")) == []
     rss = {"start": rss_kib(pid)}
     images = [make_image(rig, f"bound{i}", 10 + i, 12 << 20) for i in range(3)]
     peak = [0]
@@ -422,8 +419,7 @@ def test_cleanup_cache_bound_and_memory(rig: Rig) -> None:
     # yet, so the bound is the bound plus the working set of the running containers.
     assert peak[0] <= bound + (20 << 20), (peak[0], bound)
     assert list((rig.root / "cache").iterdir()) == []
-    assert list((rig.root / "lazy").glob("*.json")) == []
-    assert [p for p in (rig.root / "lazy" / "ztocs" / "blobs" / "sha256").iterdir()] == []
+    assert [p for p in (rig.root / "ztocs" / "blobs" / "sha256").iterdir()] == []
     assert fuse_mounts_at(rig.root / "fuse")
     assert list((rig.root / "fuse").iterdir()) == []  # no layer left mounted
     log = rig.pysoci.log.read_text()
@@ -450,14 +446,7 @@ def test_local_layers_and_orphans_are_cleaned_up(rig: Rig) -> None:
     # What a crash between a removal and its cleanup leaves behind is swept at start.
     rig.pysoci.stop()
     orphan = "sha256:" + "ab" * 32
-    lid = layer_id(orphan)
-    (rig.root / "lazy" / f"{lid}.json").write_text(
-        json.dumps(
-            {"ref": ref, "layer_digest": orphan, "layer_size": 10, "ztoc_digest": orphan,
-             "ztoc_size": 10, "ztoc_media_type": "application/octet-stream"}
-        )
-    )  # fmt: skip
-    ztoc_blob = rig.root / "lazy" / "ztocs" / "blobs" / "sha256" / ("ab" * 32)
+    ztoc_blob = rig.root / "ztocs" / "blobs" / "sha256" / ("ab" * 32)
     ztoc_blob.write_bytes(b"orphan")
     cache_dir = rig.root / "cache" / orphan.replace(":", "-")
     cache_dir.mkdir()
@@ -466,8 +455,8 @@ def test_local_layers_and_orphans_are_cleaned_up(rig: Rig) -> None:
     (local_orphan / "etc").mkdir(parents=True)
     rig.start()
     assert_healthy(rig)
-    for path in (rig.root / "lazy" / f"{lid}.json", ztoc_blob, cache_dir, local_orphan):
+    for path in (ztoc_blob, cache_dir, local_orphan):
         assert not path.exists(), path
     log = rig.pysoci.log.read_text()
-    assert f"removing the record of unused lazy layer {lid}" in log
+    assert f"removed the cached spans of unused layer {orphan}" in log
     assert "removing unused local layer" in log

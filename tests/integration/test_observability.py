@@ -19,8 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from snapshotter.rootfs import layer_id
-from tests.fixtures.containerd import Containerd, Pysoci, start_containerd
+from tests.fixtures.containerd import Containerd, Pysoci, lazy_layer_id, start_containerd
 from tests.fixtures.images import Layer, files_tar, write_image
 from tests.fixtures.registry import Registry, free_port, start_registry
 
@@ -113,7 +112,7 @@ def test_metrics_status_and_logs_after_a_lazy_pull(
 
     big = Layer.from_tar(files_tar({"data/big": BIG, "etc/hello": b"hello\n"}))
     digest = "sha256:" + hashlib.sha256(big.blob).hexdigest()
-    lazy_dir = pysoci.root / "fuse" / layer_id(digest)
+    lazy_dir = pysoci.root / "fuse" / lazy_layer_id(pysoci.root, digest)
     assert lazy_dir.is_dir()
     with open(lazy_dir / "data" / "big", "rb") as f:  # what a container would do
         f.seek(1 << 20)

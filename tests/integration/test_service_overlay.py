@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.labels import TARGET as SNAPSHOT_REF_LABEL
 from snapshotter.service import AlreadyExistsError
 from snapshotter.service.mounts import Mount
-from snapshotter.service.snapshots import SNAPSHOT_REF_LABEL, RemoteLayer, Snapshotter
+from snapshotter.service.snapshots import LayerRecord, RemoteLayer, Snapshotter
 from snapshotter.service.store import Store
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, overlayfs, chown)")
@@ -427,19 +428,26 @@ class DirHook:
         self.checked: list[list[str]] = []
 
     def prepare_remote(
-        self, key: str, parent: str | None, labels: Mapping[str, str], parent_layers: Sequence[str]
+        self,
+        key: str,
+        parent: str | None,
+        labels: Mapping[str, str],
+        parent_layers: Sequence[LayerRecord],
+        commit: Callable[[RemoteLayer], None],
     ) -> RemoteLayer | None:
         target = labels[SNAPSHOT_REF_LABEL]
         d = self.base / target.replace(":", "_")
         d.mkdir(parents=True)
         self.contents[target](d)
-        return RemoteLayer(str(d), True)
+        layer = RemoteLayer(str(d), True)
+        commit(layer)
+        return layer
 
-    def check(self, layer_dirs: Sequence[str]) -> None:
-        self.checked.append(list(layer_dirs))
+    def check(self, records: Sequence[LayerRecord]) -> None:
+        self.checked.append([r.layer_dir for r in records])
 
-    def release(self, layer_dir: str) -> None:
-        shutil.rmtree(layer_dir)
+    def release(self, record: LayerRecord) -> None:
+        shutil.rmtree(record.layer_dir)
 
 
 def test_remote_layers_under_a_container(tmp_path: Path) -> None:

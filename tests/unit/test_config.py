@@ -14,7 +14,7 @@ from snapshotter.config import (
     load_config,
     parse_config,
 )
-from snapshotter.layers import LazyLayers
+from snapshotter.dataplane.lazy import LazyLayers
 
 SOCI_STYLE = """
 [http]

@@ -1,10 +1,12 @@
-"""The remote-snapshot hook on bad and unusual input: Prepare labels, layers that are not in the
-image, zTOCs that do not fit their layer, and indexes that exist only in the local store.
+"""The remote-layer wing on bad and unusual input: Prepare labels, layers that are not in the
+image, zTOCs that do not fit their layer, indexes that exist only in the local store, and
+restoring from the snapshots' labels.
 
-The registry is a small fake over one OCI layout per repository (what the hook asks of
-RegistryClient: manifests, whole blobs, blob streams, referrers); the lazy layer service is a
-fake that records mounts (FUSE needs root). Local unpacks, the content stores, the index
-building and the gRPC-thread → trio bridge are the real ones.
+The registry is a small fake over one OCI layout per repository (what the wing asks of
+RegistryClient: manifests, whole blobs, blob streams, referrers); the FUSE side of the data
+plane is a fake that records mounts (FUSE needs root; tests/integration mount for real). The
+data plane's zTOC resolution, local unpacks, the content stores, the index building and the
+gRPC-thread → trio bridge are the real ones.
 """
 
 from __future__ import annotations
@@ -20,38 +22,41 @@ from typing import Any, cast
 import pytest
 import trio
 
+from snapshotter import labels as names
+from snapshotter.bridge import TrioBridge
 from snapshotter.config import Config
 from snapshotter.content.indexing import IndexOptions, LayoutIndexer, iter_soci_index_descriptors
 from snapshotter.content.layout import OciLayout
 from snapshotter.content.local_layers import LocalLayers
+from snapshotter.dataplane.lazy import LayerMountError, LazyLayers
+from snapshotter.dataplane.plane import LocalDataPlane
 from snapshotter.errors import (
     ContentNotFoundError,
     FormatError,
     InvalidReferenceError,
     RegistryNotFoundError,
 )
-from snapshotter.layers import LayerMountError, LazyLayers
+from snapshotter.fs.table import LayerNotMountedError
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
-from snapshotter.rootfs import layer_id
-from snapshotter.service.remote import (
-    LABEL_CRI_IMAGE_REF,
-    LABEL_CRI_LAYER_DIGEST,
-    LABEL_CRI_MANIFEST_DIGEST,
-    LABEL_SOCI_INDEX_DIGEST,
-    LABEL_STARGZ_DIGEST,
-    LABEL_STARGZ_REFERENCE,
-    LABEL_TARGET,
-    SociRemote,
-    TrioBridge,
-    parse_labels,
-)
+from snapshotter.remote.hook import SociRemote
+from snapshotter.remote.layers import RemoteLayers
+from snapshotter.remote.resolve import ImageResolver, parse_labels
+from snapshotter.remote.spec import LayerSpec, layer_id
+from snapshotter.service import UnavailableError
 from snapshotter.service.snapshots import LayerRecord, RemoteLayer
 from snapshotter.soci import index as soci_index
 from snapshotter.soci import oci
 from snapshotter.soci.ztoc import Ztoc
 from tests.fixtures.images import Layer, files_tar, write_image
 
+LABEL_TARGET = names.TARGET
+LABEL_CRI_IMAGE_REF = names.CRI_IMAGE_REF
+LABEL_CRI_LAYER_DIGEST = names.CRI_LAYER_DIGEST
+LABEL_CRI_MANIFEST_DIGEST = names.CRI_MANIFEST_DIGEST
+LABEL_SOCI_INDEX_DIGEST = names.SOCI_INDEX_DIGEST
+LABEL_STARGZ_DIGEST = names.STARGZ_DIGEST
+LABEL_STARGZ_REFERENCE = names.STARGZ_REFERENCE
 HOST = "registry.test:5000"
 DIGEST_A = "sha256:" + "a" * 64
 DIGEST_B = "sha256:" + "b" * 64
@@ -131,26 +136,34 @@ class _NoCache:
 
 @dataclass
 class FakeLazy:
-    """Records what would be mounted lazily."""
+    """The FUSE side of the data plane: records what would be mounted lazily."""
 
     mountpoint: Path
-    mounts: dict[str, tuple[str, Ztoc]] = field(default_factory=dict)
+    mounts: dict[str, tuple[LayerSpec, Ztoc]] = field(default_factory=dict)
     cache: _NoCache = field(default_factory=_NoCache)
     failure: str = ""
     """When set, mounting fails with this message."""
     config: Config = field(default_factory=Config)
 
-    async def mount(self, lid: str, layer_digest: str, ztoc: Ztoc, source: object) -> Path:
+    async def mount(self, spec: LayerSpec, ztoc: Ztoc, source: object) -> Path:
         if self.failure:
             raise LayerMountError(self.failure)
-        self.mounts[lid] = (layer_digest, ztoc)
-        return self.mountpoint / lid
+        self.mounts[spec.layer_id] = (spec, ztoc)
+        return self.mountpoint / spec.layer_id
 
     async def unmount(self, lid: str, *, drop_cache: bool = False) -> None:
         self.mounts.pop(lid, None)
 
     async def check_available(self, lid: str) -> None:
-        assert lid in self.mounts
+        if lid not in self.mounts:
+            raise LayerNotMountedError(f"layer {lid!r} is not mounted")
+
+    def spec(self, lid: str) -> LayerSpec | None:
+        mounted = self.mounts.get(lid)
+        return None if mounted is None else mounted[0]
+
+    def served(self) -> list[tuple[LayerSpec, Path, str]]:
+        return [(spec, self.mountpoint / lid, "fetching") for lid, (spec, _) in self.mounts.items()]
 
     def remove_cached(self, digest: str) -> bool:
         return False
@@ -161,23 +174,38 @@ class Rig:
     root: Path
     registry: FakeRegistry
     lazy: FakeLazy
+    committed: list[RemoteLayer] = field(default_factory=list)
 
-    def remote(self) -> SociRemote:
-        """A hook as the daemon makes it (state in `root`), on the running trio loop."""
-        return SociRemote(
-            cast(RegistryClient, self.registry),
+    def layers(self) -> RemoteLayers:
+        """The wing as the daemon makes it (state in `root`)."""
+        client = cast(RegistryClient, self.registry)
+        plane = LocalDataPlane(
             cast(LazyLayers, self.lazy),
+            client,
+            ztoc_dir=self.root / "ztocs",
+            local_store_dir=self.root / "content",
+        )
+        return RemoteLayers(
+            ImageResolver(client, local_store_dir=self.root / "content"),
+            plane,
             LocalLayers(self.root / "layers"),
-            TrioBridge(trio.lowlevel.current_trio_token()),
-            state_dir=self.root,
+        )
+
+    def remote(self, layers: RemoteLayers | None = None) -> SociRemote:
+        """A hook on the running trio loop."""
+        return SociRemote(layers or self.layers(), TrioBridge(trio.lowlevel.current_trio_token()))
+
+    def prepare_on(self, remote: SociRemote, labels: Mapping[str, str], key: str) -> Any:
+        """Prepare through the hook, from a worker thread (as gRPC's), committing to a list."""
+        return trio.to_thread.run_sync(
+            remote.prepare_remote, key, None, labels, [], self.committed.append
         )
 
     def prepare(self, labels: Mapping[str, str], key: str = "default/1/extract") -> Any:
-        """Prepare through the hook from a gRPC-like worker thread, as the service does."""
+        """One Prepare with a fresh hook."""
 
         async def main() -> RemoteLayer | None:
-            remote = self.remote()
-            return await trio.to_thread.run_sync(remote.prepare_remote, key, None, labels, [])
+            return await self.prepare_on(self.remote(), labels, key)  # type: ignore[no-any-return]
 
         return trio.run(main)
 
@@ -331,7 +359,7 @@ def test_manifest_digest_that_lacks_the_layer_is_reported(
         out = []
         for layer in (first.layers[0].digest, DIGEST_B):
             labels = {**base, LABEL_CRI_LAYER_DIGEST: layer}
-            out.append(await trio.to_thread.run_sync(remote.prepare_remote, "k", None, labels, []))
+            out.append(await rig.prepare_on(remote, labels, "k"))
         return out
 
     assert trio.run(twice) == [None, None]  # a is not indexed; B is not in it
@@ -394,9 +422,9 @@ def test_ztoc_of_another_layer_falls_back_to_a_local_unpack(
     assert isinstance(got, RemoteLayer) and not got.remote
     assert "LAZY MOUNT FAILED" in caplog.text and "the layer has" in caplog.text
     assert rig.lazy.mounts == {}
-    # The local unpack is the layer's own content, and no lazy record is left behind.
+    # The local unpack is the layer's own content, committed as a local layer.
     assert (Path(got.layer_dir) / "data" / "1").read_bytes() == random.Random(1).randbytes(300_000)
-    assert not (rig.root / "lazy" / f"{layer_id(l1.digest)}.json").exists()
+    assert rig.committed == [got] and names.ZTOC_DIGEST not in got.labels
 
 
 def test_ztoc_that_is_not_a_ztoc_falls_back_to_a_local_unpack(
@@ -414,7 +442,7 @@ def test_ztoc_that_is_not_a_ztoc_falls_back_to_a_local_unpack(
     assert "LAZY MOUNT FAILED" in caplog.text
     assert rig.lazy.mounts == {}
     # What failed to decode is not kept as the layer's zTOC.
-    assert not OciLayout.open(rig.root / "lazy" / "ztocs").has_blob(garbage_digest)
+    assert not OciLayout.open(rig.root / "ztocs").has_blob(garbage_digest)
 
 
 def test_index_naming_a_missing_ztoc_falls_back_to_a_local_unpack(
@@ -430,7 +458,9 @@ def test_index_naming_a_missing_ztoc_falls_back_to_a_local_unpack(
     assert "LAZY MOUNT FAILED" in caplog.text
 
 
-def test_failed_mount_leaves_no_lazy_record(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_mount_is_committed_as_a_local_layer(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     manifest = push_image(rig, "a", [big_layer(1)])
     LayoutIndexer(rig.repo("a"), OPTIONS).create("v1")
@@ -440,12 +470,13 @@ def test_failed_mount_leaves_no_lazy_record(rig: Rig, caplog: pytest.LogCaptureF
     assert isinstance(got, RemoteLayer) and not got.remote
     assert "LAZY MOUNT FAILED" in caplog.text and "the FUSE session is gone" in caplog.text
     # A restart must not try to remount a layer that was unpacked locally instead.
-    assert not (rig.root / "lazy" / f"{layer_id(layer)}.json").exists()
+    assert got.labels == {} and "the lazy mount failed" in got.local_reason
     rig.lazy.failure = ""
     got = rig.prepare(labels_for(f"{HOST}/a:v1", layer))
     assert isinstance(got, RemoteLayer) and got.remote
     assert "found by referrers" in caplog.text
-    assert (rig.root / "lazy" / f"{layer_id(layer)}.json").exists()
+    spec = LayerSpec.from_labels(Path(got.layer_dir).name, got.labels)
+    assert spec.layer_digest == layer and spec.index_source == "referrers"
 
 
 # -- the local content store -----------------------------------------------------------------
@@ -473,15 +504,18 @@ def test_index_only_in_the_local_store_serves_the_layer_lazily(
     assert ztoc_desc is not None and found.ztoc_for_layer(small.digest) is None
 
     got = rig.prepare(labels_for(f"{HOST}/a:v1", big.digest))
-    assert got == RemoteLayer(str(rig.lazy.mountpoint / layer_id(big.digest)), remote=True)
+    lid = layer_id(big.digest, ztoc_desc.digest)
+    assert isinstance(got, RemoteLayer) and got.remote
+    assert got.layer_dir == str(rig.lazy.mountpoint / lid)
     assert f"SOCI index {index_digest}, found by local" in caplog.text
-    digest, ztoc = rig.lazy.mounts[layer_id(big.digest)]
-    assert digest == big.digest and ztoc.compressed_archive_size == big.size
+    spec, ztoc = rig.lazy.mounts[lid]
+    assert spec.layer_digest == big.digest and ztoc.compressed_archive_size == big.size
     assert [f.name for f in ztoc.files if f.type == "reg"] == ["data/1"]
-    # The zTOC came from ROOT/content (the registry has none), and is kept with the record.
+    # The zTOC came from ROOT/content (the registry has none), and is kept for restarts; the
+    # snapshot's labels say what serving the layer again needs.
     assert not rig.registry.asked_for(ztoc_desc.digest)
-    assert OciLayout.open(rig.root / "lazy" / "ztocs").has_blob(ztoc_desc.digest)
-    assert (rig.root / "lazy" / f"{layer_id(big.digest)}.json").exists()
+    assert OciLayout.open(rig.root / "ztocs").has_blob(ztoc_desc.digest)
+    assert LayerSpec.from_labels(lid, got.labels) == spec
     # The small layer has no zTOC: unpacked here, not left to containerd.
     got = rig.prepare(labels_for(f"{HOST}/a:v1", small.digest))
     assert isinstance(got, RemoteLayer) and not got.remote
@@ -507,13 +541,14 @@ def test_local_store_made_while_the_daemon_runs_is_used(rig: Rig) -> None:
     layer = manifest.layers[0].digest
 
     async def main() -> list[RemoteLayer | None]:
-        remote = rig.remote()  # ROOT/content does not exist yet
+        layers = rig.layers()
+        remote = rig.remote(layers)  # ROOT/content does not exist yet
         labels = labels_for(f"{HOST}/a:v1", layer)
-        first = await trio.to_thread.run_sync(remote.prepare_remote, "k1", None, labels, [])
+        first = await rig.prepare_on(remote, labels, "k1")
         shutil.copytree(rig.repo("a").root, rig.root / "content")
         LayoutIndexer(OciLayout.open(rig.root / "content"), OPTIONS).create("v1")
-        remote._images.clear()  # a new pull of the image looks it up again
-        second = await trio.to_thread.run_sync(remote.prepare_remote, "k2", None, labels, [])
+        layers.resolver.forget()  # a new pull of the image looks it up again
+        second = await rig.prepare_on(remote, labels, "k2")
         return [first, second]
 
     first, second = trio.run(main)
@@ -522,23 +557,86 @@ def test_local_store_made_while_the_daemon_runs_is_used(rig: Rig) -> None:
 
 
 def test_restart_remounts_a_local_index_layer_without_the_registry(rig: Rig) -> None:
-    """The record and zTOC kept at Prepare are enough; if the kept zTOC is gone, ROOT/content
-    still has it (the registry never had it)."""
+    """The snapshot's labels and the kept zTOC are enough; if the kept zTOC is gone,
+    ROOT/content still has it (the registry never had it)."""
     manifest, _ = _local_only_index(rig, [big_layer(1)])
     layer = manifest.layers[0].digest
     got = rig.prepare(labels_for(f"{HOST}/a:v1", layer))
     assert isinstance(got, RemoteLayer) and got.remote
-    ztocs = rig.root / "lazy" / "ztocs" / "blobs" / "sha256"
-    for blob in ztocs.iterdir():
+    for blob in (rig.root / "ztocs" / "blobs" / "sha256").iterdir():
         blob.unlink()
     rig.lazy.mounts.clear()
     rig.registry.repos.clear()  # the registry is unreachable after the restart
+    record = LayerRecord("chain", got.layer_dir, True, got.labels)
 
-    async def restart() -> dict[str, int]:
-        return await rig.remote().restore([LayerRecord("chain", got.layer_dir, True, {})])
+    async def restart() -> tuple[int, int]:
+        counts = await rig.layers().restore([record])
+        return counts.mounted, counts.failed
 
-    assert trio.run(restart)["mounted"] == 1
-    assert rig.lazy.mounts[layer_id(layer)][0] == layer
+    assert trio.run(restart) == (1, 0)
+    spec, _ = rig.lazy.mounts[Path(got.layer_dir).name]
+    assert spec.layer_digest == layer
+
+
+def test_restore_keeps_layers_the_data_plane_still_serves(rig: Rig) -> None:
+    """After a control-plane restart the data plane still serves the layer: nothing is
+    mounted again, and what no snapshot references is swept."""
+    manifest = push_image(rig, "a", [big_layer(1), big_layer(2)])
+    LayoutIndexer(rig.repo("a"), OPTIONS).create("v1")
+    one, two = (rig.prepare(labels_for(f"{HOST}/a:v1", layer.digest)) for layer in manifest.layers)
+    assert one.remote and two.remote
+    served = dict(rig.lazy.mounts)
+
+    async def restart() -> tuple[int, int, list[str]]:
+        counts = await rig.layers().restore([LayerRecord("c1", one.layer_dir, True, one.labels)])
+        return counts.kept, counts.mounted, sorted(rig.lazy.mounts)
+
+    kept, mounted, left = trio.run(restart)
+    assert (kept, mounted) == (1, 0)
+    assert left == [Path(one.layer_dir).name]  # two has no snapshot: unmounted
+    assert rig.lazy.mounts[left[0]] is served[left[0]]  # the same mount, not a new one
+
+
+def test_check_mounts_a_layer_the_data_plane_lost(rig: Rig) -> None:
+    """A data plane that restarted serves nothing: the first check mounts the layer again
+    from its snapshot's labels; a layer that cannot be mounted is Unavailable."""
+    manifest = push_image(rig, "a", [big_layer(1)])
+    LayoutIndexer(rig.repo("a"), OPTIONS).create("v1")
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", manifest.layers[0].digest))
+    record = LayerRecord("chain", got.layer_dir, True, got.labels)
+    rig.lazy.mounts.clear()
+
+    async def check(layers: RemoteLayers) -> None:
+        await layers.check([record])
+
+    trio.run(check, rig.layers())
+    assert list(rig.lazy.mounts) == [Path(got.layer_dir).name]
+    rig.lazy.mounts.clear()
+    rig.lazy.failure = "no FUSE"
+    with pytest.raises(UnavailableError, match="no FUSE"):
+        trio.run(check, rig.layers())
+    broken = LayerRecord("chain", got.layer_dir, True, {})  # labels lost
+    with pytest.raises(UnavailableError, match="has no label"):
+        trio.run(lambda: rig.layers().check([broken]))
+
+
+def test_release_asks_the_metastore_and_drops_only_unused_layers(rig: Rig) -> None:
+    manifest = push_image(rig, "a", [big_layer(1)])
+    LayoutIndexer(rig.repo("a"), OPTIONS).create("v1")
+    got = rig.prepare(labels_for(f"{HOST}/a:v1", manifest.layers[0].digest))
+    record = LayerRecord("chain", got.layer_dir, True, got.labels)
+    users = {got.layer_dir: 1}
+
+    async def release() -> None:
+        layers = rig.layers()
+        layers._users = users.__getitem__
+        await layers.release(record)
+
+    trio.run(release)
+    assert Path(got.layer_dir).name in rig.lazy.mounts  # another snapshot still uses it
+    users[got.layer_dir] = 0
+    trio.run(release)
+    assert rig.lazy.mounts == {}
 
 
 def test_unreadable_local_store_is_skipped(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:

@@ -7,7 +7,7 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -16,9 +16,10 @@ from google.protobuf import field_mask_pb2
 
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.labels import TARGET as SNAPSHOT_REF_LABEL
 from snapshotter.service import UnavailableError
 from snapshotter.service.server import serve
-from snapshotter.service.snapshots import SNAPSHOT_REF_LABEL, RemoteLayer, Snapshotter
+from snapshotter.service.snapshots import LayerRecord, RemoteLayer, Snapshotter
 from snapshotter.service.store import Store
 
 NS = (("containerd-namespace", "default"),)
@@ -30,17 +31,24 @@ class Hook:
         self.bad: set[str] = set()
 
     def prepare_remote(
-        self, key: str, parent: str | None, labels: Mapping[str, str], parent_layers: Sequence[str]
+        self,
+        key: str,
+        parent: str | None,
+        labels: Mapping[str, str],
+        parent_layers: Sequence[LayerRecord],
+        commit: Callable[[RemoteLayer], None],
     ) -> RemoteLayer | None:
         d = self.base / labels[SNAPSHOT_REF_LABEL].replace(":", "_")
         d.mkdir(parents=True)
-        return RemoteLayer(str(d), True)
+        layer = RemoteLayer(str(d), True)
+        commit(layer)
+        return layer
 
-    def check(self, layer_dirs: Sequence[str]) -> None:
-        if self.bad & set(layer_dirs):
+    def check(self, records: Sequence[LayerRecord]) -> None:
+        if self.bad & {r.layer_dir for r in records}:
             raise UnavailableError("layer is not mounted")
 
-    def release(self, layer_dir: str) -> None:
+    def release(self, record: LayerRecord) -> None:
         pass
 
 

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from snapshotter.labels import REMOTE as REMOTE_LABEL
+from snapshotter.labels import TARGET as SNAPSHOT_REF_LABEL
 from snapshotter.service import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -25,8 +27,8 @@ from snapshotter.service import (
 )
 from snapshotter.service.mounts import Mount
 from snapshotter.service.snapshots import (
-    REMOTE_LABEL,
-    SNAPSHOT_REF_LABEL,
+    Info,
+    LayerRecord,
     RemoteLayer,
     Snapshotter,
     disk_usage,
@@ -515,15 +517,17 @@ class FakeHook:
         self.unavailable: set[str] = set()
         self.fail = False
         self.decline = False
+        self.own_labels: dict[str, str] = {}
 
     def prepare_remote(
         self,
         key: str,
         parent: str | None,
         labels: Mapping[str, str],
-        parent_layers: Sequence[str],
+        parent_layers: Sequence[LayerRecord],
+        commit: Callable[[RemoteLayer], None],
     ) -> RemoteLayer | None:
-        self.prepared.append((key, parent, dict(labels), list(parent_layers)))
+        self.prepared.append((key, parent, dict(labels), [r.layer_dir for r in parent_layers]))
         if self.fail:
             raise RuntimeError("registry exploded")
         if self.decline:
@@ -531,16 +535,19 @@ class FakeHook:
         d = self.base / labels[SNAPSHOT_REF_LABEL].replace(":", "_")
         d.mkdir(parents=True)
         (d / "file").write_text(labels[SNAPSHOT_REF_LABEL])
-        return RemoteLayer(str(d), self.remote)
+        layer = RemoteLayer(str(d), self.remote, labels=self.own_labels)
+        commit(layer)
+        return layer
 
-    def check(self, layer_dirs: Sequence[str]) -> None:
-        self.checked.append(list(layer_dirs))
+    def check(self, records: Sequence[LayerRecord]) -> None:
+        layer_dirs = [r.layer_dir for r in records]
+        self.checked.append(layer_dirs)
         bad = [d for d in layer_dirs if d in self.unavailable]
         if bad:
             raise UnavailableError(f"layer {bad[0]} is gone")
 
-    def release(self, layer_dir: str) -> None:
-        self.released.append(layer_dir)
+    def release(self, record: LayerRecord) -> None:
+        self.released.append(record.layer_dir)
 
 
 def unpack_like_containerd(sn: Snapshotter, chain: Sequence[str], ns: str = "default") -> None:
@@ -778,3 +785,80 @@ def test_keys_are_bounded_like_containerds(tmp_path: Path) -> None:
         sn.stat("m" * (1 << 20))
     assert len(str(missing.value)) < 1000
     assert [i.name for i in sn.list()] == ["k" * 32768]
+
+
+def test_remote_snapshot_keeps_pysoci_labels_that_prepare_cannot_forge(tmp_path: Path) -> None:
+    """The hook's `pysoci.io/` labels are the snapshot's record: a Prepare's own labels under
+    that prefix are dropped, and an Update can neither change nor remove them."""
+    hook = FakeHook(tmp_path / "layers")
+    hook.own_labels = {"pysoci.io/ztoc.digest": "sha256:" + "1" * 64}
+    sn = make(tmp_path / "root", hook)
+    try:
+        forged = {
+            SNAPSHOT_REF_LABEL: "sha256:l1",
+            "pysoci.io/ztoc.digest": "sha256:" + "f" * 64,
+            "pysoci.io/image.ref": "evil.example/x:y",
+        }
+        with pytest.raises(AlreadyExistsError):
+            sn.prepare("k", "", forged)
+        t = sn.stat("sha256:l1")
+        assert t.labels["pysoci.io/ztoc.digest"] == "sha256:" + "1" * 64
+        assert "pysoci.io/image.ref" not in t.labels
+        info = Info(name="sha256:l1", labels={"pysoci.io/ztoc.digest": "", "x": "y"})
+        sn.update(info, ["labels.pysoci.io/ztoc.digest", "labels.x"])
+        sn.update(Info(name="sha256:l1", labels={"only": "this"}))
+        t = sn.stat("sha256:l1")
+        assert t.labels["pysoci.io/ztoc.digest"] == "sha256:" + "1" * 64
+        assert t.labels["only"] == "this" and "x" not in t.labels
+    finally:
+        sn.close()
+
+
+def test_layer_users_counts_snapshots_per_layer_directory(tmp_path: Path) -> None:
+    hook = FakeHook(tmp_path / "layers")
+    sn = make(tmp_path / "root", hook)
+    try:
+        unpack_like_containerd(sn, ["sha256:a", "sha256:b"])
+        a_dir = str(tmp_path / "layers" / "sha256_a")
+        assert sn.layer_users(a_dir) == 1
+        assert sn.layer_users("/nowhere") == 0
+        sn.remove("sha256:b")
+        sn.remove("sha256:a")
+        assert sn.layer_users(a_dir) == 0
+        assert hook.released == [str(tmp_path / "layers" / "sha256_b"), a_dir]
+    finally:
+        sn.close()
+
+
+def test_records_of_an_older_pysoci_move_into_the_labels(tmp_path: Path) -> None:
+    """ROOT/lazy/<id>.json and ROOT/lazy/ztocs (before the metastore was the one record)."""
+    import json
+
+    from snapshotter.legacy import migrate_lazy_records
+
+    root = tmp_path / "root"
+    sn = make(root)
+    try:
+        lid = "a" * 24
+        layer_dir = str(root / "fuse" / lid)
+        with sn.store.write() as tx:
+            tx.insert("sha256:chain", Kind.COMMITTED, None, {"k": "v"}, 1, remote=True,
+                      layer_dir=layer_dir)  # fmt: skip
+        ztoc = "sha256:" + "c" * 64
+        record = {"ref": "r.test/img:v1", "layer_digest": "sha256:" + "a" * 64,
+                  "layer_size": 100, "ztoc_digest": ztoc, "ztoc_size": 10,
+                  "ztoc_media_type": "application/octet-stream"}  # fmt: skip
+        (root / "lazy").mkdir()
+        (root / "lazy" / f"{lid}.json").write_text(json.dumps(record))
+        blobs = root / "lazy" / "ztocs" / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        (blobs / ("c" * 64)).write_bytes(b"ztoc")
+        assert migrate_lazy_records(root, sn) == 1
+        labels = sn.stat("sha256:chain").labels
+        assert labels["k"] == "v" and labels["pysoci.io/ztoc.digest"] == ztoc
+        assert labels["pysoci.io/image.ref"] == "r.test/img:v1"
+        assert (root / "ztocs" / "blobs" / "sha256" / ("c" * 64)).read_bytes() == b"ztoc"
+        assert not (root / "lazy").exists()
+        assert migrate_lazy_records(root, sn) == 0
+    finally:
+        sn.close()

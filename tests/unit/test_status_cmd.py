@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from snapshotter import labels
 from snapshotter.cli import status_cmd
 from snapshotter.cli.main import main
+from snapshotter.mountinfo import mount_table, overlay_lowerdirs, unescape
 from snapshotter.service.store import Kind, SnapshotRecord
 
 REF = "reg.example/app:v1"
@@ -52,7 +55,7 @@ def sample(root: Path) -> list[status_cmd.ImageStatus]:
             NOZTOC,
             remote=False,
             layer_dir=str(root / "layers" / "x"),
-            **{status_cmd.LABEL_LOCAL_REASON: "lazy mount failed: zTOC does not match"},
+            **{labels.LOCAL_REASON: "lazy mount failed: zTOC does not match"},
         ),
         SnapshotRecord(6, "active", "", None, Kind.ACTIVE, 0, 0, {}),
     ]
@@ -139,8 +142,28 @@ def test_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_mountinfo_unescape() -> None:
-    assert status_cmd._unescape(r"/var/lib/with\040space") == "/var/lib/with space"
-    assert status_cmd._unescape("/plain") == "/plain"
+    assert unescape(r"/var/lib/with\040space") == "/var/lib/with space"
+    assert unescape(r"/tab\011and\134backslash") == "/tab\tand\\backslash"
+    assert unescape("/plain") == "/plain"
+    assert unescape(r"/bytes\377") == os.fsdecode(b"/bytes\xff")  # not UTF-8: kept as is
+
+
+def test_mountinfo_lines(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "36 25 0:32 / /var/lib/with\\040space rw,relatime - fuse.pysoci pysoci ro,user_id=0\n"
+        "40 36 0:33 / /run/c/rootfs rw - overlay overlay rw,lowerdir=/l/a\\054b:/l/c,upperdir=/u\n"
+        "41 36 0:34 / /run/d rw - overlay overlay rw,lowerdir+=/l/x,lowerdir+=/l/y\n"
+        "broken line\n"
+    )
+    fuse, overlay, plus = mount_table(str(info))
+    assert (fuse.mount_point, fuse.fstype, fuse.device) == (
+        "/var/lib/with space",
+        "fuse.pysoci",
+        "0:32",
+    )
+    assert overlay_lowerdirs(overlay) == ["/l/a,b", "/l/c"]
+    assert overlay_lowerdirs(plus) == ["/l/x", "/l/y"]
 
 
 def test_pysoci_mount_roots_show_their_layers(

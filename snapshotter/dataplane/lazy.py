@@ -1,8 +1,5 @@
-"""The data plane of lazily mounted layers: one FUSE session, the span caches, the span
-managers and the background fetcher, all living in one trio nursery.
-
-The snapshotter daemon and `pysoci mount` both serve layers through this; what they share
-with the rest of the code is `mount`, `unmount`, `check` and `status`.
+"""Lazily served layers: one FUSE session, the span caches, the span managers and the
+background fetcher, all living in one trio nursery (the data plane's core).
 
 Availability (`check_available`): a layer whose spans are all on disk is always available. A
 layer with spans still missing is available while its registry answers: the last fetch of
@@ -41,6 +38,7 @@ from snapshotter.fetch.spans import (
 )
 from snapshotter.fs.session import FuseSession
 from snapshotter.fs.table import LayerUnavailableError
+from snapshotter.remote.spec import LayerSpec
 from snapshotter.soci.ztoc import CompressionAlgorithm, Ztoc
 
 log = logging.getLogger(__name__)
@@ -110,6 +108,7 @@ class _BoundedSpanManager(SpanManager):
 
 @dataclass
 class _Mounted:
+    spec: LayerSpec
     manager: SpanManager
     path: Path
     cache: LayerCache
@@ -174,12 +173,11 @@ class LazyLayers:
                     await self._close(layer_id)
                 await self.background.close()
 
-    async def mount(
-        self, layer_id: str, layer_digest: str, ztoc: Ztoc, source: RangeSource
-    ) -> Path:
+    async def mount(self, spec: LayerSpec, ztoc: Ztoc, source: RangeSource) -> Path:
         """Serve a layer lazily; returns its directory (an overlay lower dir)."""
         if self._nursery is None:
             raise LayerMountError("the lazy layer service is not running")
+        layer_id, layer_digest = spec.layer_id, spec.layer_digest
         if layer_id in self._layers:
             return self._layers[layer_id].path
         keep = self._fetch.keep_inflated and ztoc.compression_algorithm == CompressionAlgorithm.GZIP
@@ -210,7 +208,7 @@ class LazyLayers:
             await manager.close()
             raise
         self.background.add(manager)
-        self._layers[layer_id] = _Mounted(manager, path, layer_cache, tracked)
+        self._layers[layer_id] = _Mounted(spec, manager, path, layer_cache, tracked)
         log.info("layer %s (%s) mounted lazily at %s", layer_digest, layer_id, path)
         return path
 
@@ -291,6 +289,14 @@ class LazyLayers:
         """The layer's fetch status (soci's fields)."""
         return self.session.status(layer_id)
 
-    def layer_ids(self) -> list[str]:
-        """Layers being served."""
-        return list(self._layers)
+    def served(self) -> list[tuple[LayerSpec, Path, str]]:
+        """Layers being served: their spec, directory and state."""
+        return [
+            (m.spec, m.path, str(m.manager.status().get("state", "")))
+            for m in self._layers.values()
+        ]
+
+    def spec(self, layer_id: str) -> LayerSpec | None:
+        """The spec a served layer was mounted with."""
+        mounted = self._layers.get(layer_id)
+        return None if mounted is None else mounted.spec

@@ -1,0 +1,136 @@
+"""`LocalDataPlane`: the data plane's operations, in the process that serves the FUSE session.
+
+It turns a `LayerSpec` into a served layer: the zTOC from the first place that has it (the
+data plane's own zTOC store `ROOT/ztocs`, the local content store `ROOT/content` that
+`pysoci create` fills, the registry), checked against the layer, then a span manager whose
+bytes come from the registry's range requests with this process's credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from pathlib import Path
+
+from snapshotter.content.discovery import fetch_ztoc
+from snapshotter.content.layout import OciLayout
+from snapshotter.dataplane.api import ServedLayer, SweepResult
+from snapshotter.dataplane.lazy import LazyLayers
+from snapshotter.errors import FormatError, PysociError
+from snapshotter.fetch.registry_source import RegistryRangeSource
+from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.reference import parse_reference
+from snapshotter.remote.spec import LayerSpec
+
+log = logging.getLogger(__name__)
+
+
+class LocalDataPlane:
+    """The DataPlane calls, served by this process's LazyLayers (running in its nursery)."""
+
+    def __init__(
+        self,
+        lazy: LazyLayers,
+        client: RegistryClient,
+        *,
+        ztoc_dir: Path | None = None,
+        local_store_dir: Path | None = None,
+    ) -> None:
+        self.lazy = lazy
+        self.client = client
+        self.ztocs = OciLayout.open(ztoc_dir, create=True) if ztoc_dir is not None else None
+        """zTOCs of served layers, kept so that a restart needs no registry."""
+        self.local_store_dir = local_store_dir
+
+    @property
+    def mountpoint(self) -> Path:
+        """The FUSE mount."""
+        return self.lazy.mountpoint
+
+    def _local_store(self) -> OciLayout | None:
+        path = self.local_store_dir
+        if path is None or not (path / "oci-layout").exists():
+            return None
+        try:
+            return OciLayout.open(path)
+        except PysociError as e:
+            log.warning("local content store %s is unusable (%s); not using it", path, e)
+            return None
+
+    async def mount(self, spec: LayerSpec) -> Path:
+        """Serve the layer; its directory (the one it has when it is served already)."""
+        served = self.lazy.spec(spec.layer_id)
+        if served is not None:
+            if served.ztoc_digest != spec.ztoc_digest or served.layer_digest != spec.layer_digest:
+                raise FormatError(
+                    f"lazy layer {spec.layer_id} is served with layer {served.layer_digest} "
+                    f"and zTOC {served.ztoc_digest}, not {spec.layer_digest} and "
+                    f"{spec.ztoc_digest}"
+                )
+            return self.mountpoint / spec.layer_id
+        ref = parse_reference(spec.image_ref)
+        ztoc = await fetch_ztoc(
+            self.client,
+            ref,
+            spec.ztoc,
+            store=self.ztocs,
+            local=self._local_store(),
+            max_entries=self.lazy.config.fuse.max_ztoc_entries,
+        )
+        if ztoc.compressed_archive_size != spec.layer_size:
+            raise FormatError(
+                f"zTOC {spec.ztoc_digest} is for {ztoc.compressed_archive_size} bytes, the "
+                f"layer has {spec.layer_size} ({spec.layer_digest})"
+            )
+        source = RegistryRangeSource(self.client, ref, spec.layer_digest)
+        return await self.lazy.mount(spec, ztoc, source)
+
+    async def unmount(self, layer_id: str, *, forget: bool = False) -> None:
+        """Stop serving the layer; with `forget`, delete its cached spans and, when no other
+        served layer uses it, its zTOC."""
+        spec = self.lazy.spec(layer_id)
+        await self.lazy.unmount(layer_id, drop_cache=forget)
+        if (
+            forget
+            and spec is not None
+            and self.ztocs is not None
+            and all(s.ztoc_digest != spec.ztoc_digest for s, _, _ in self.lazy.served())
+        ):
+            self.ztocs.blob_path(spec.ztoc_digest).unlink(missing_ok=True)
+
+    async def check(self, layer_id: str) -> None:
+        """LayerNotMountedError / LayerUnavailableError unless the layer serves reads."""
+        await self.lazy.check_available(layer_id)
+
+    async def layers(self) -> list[ServedLayer]:
+        """Every layer served now."""
+        return [
+            ServedLayer(spec.layer_id, spec.layer_digest, spec.ztoc_digest, str(path), state)
+            for spec, path, state in self.lazy.served()
+        ]
+
+    async def sweep(self, keep: Collection[LayerSpec]) -> SweepResult:
+        """Unmount what is not in `keep`; delete the span caches and zTOCs it does not use."""
+        wanted = {spec.layer_id for spec in keep}
+        unmounted = 0
+        for spec, _, _ in self.lazy.served():
+            if spec.layer_id not in wanted:
+                log.info("cleanup: unmounting lazy layer %s: no snapshot uses it", spec.layer_id)
+                await self.unmount(spec.layer_id, forget=True)
+                unmounted += 1
+        digests = {spec.layer_digest for spec in keep}
+        caches = 0
+        for digest in self.lazy.cache.cached_layers():
+            if digest not in digests and self.lazy.remove_cached(digest):
+                log.info("cleanup: removed the cached spans of unused layer %s", digest)
+                caches += 1
+        ztocs = 0
+        if self.ztocs is not None:
+            used = {spec.ztoc_digest for spec in keep}
+            blobs = self.ztocs.root / "blobs" / "sha256"
+            if blobs.is_dir():
+                for blob in blobs.iterdir():
+                    if f"sha256:{blob.name}" not in used:
+                        blob.unlink(missing_ok=True)
+                        ztocs += 1
+        return SweepResult(unmounted, caches, ztocs)
