@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck unit integration bench-formats bench-lazyfs bench-fleet bench proto clean
+.PHONY: setup demo test lint typecheck unit integration bench-formats bench-lazyfs bench-restart bench-fleet bench proto clean
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,10 @@ proto: setup
 
 bench-lazyfs: setup
 	$(PY) -m bench.lazyfs
+
+# Time from a control-plane start to serving with 20 lazy layers mounted (root; a minute).
+bench-restart: setup
+	$(PY) -m bench.restart
 
 # N node namespaces (1, 3, 5) behind one mirror: origin bytes / image size, time to ready per
 # node (root; writes bench/out/fleet.{json,md}).

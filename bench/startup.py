@@ -177,7 +177,7 @@ class Rig:
                 self.cd.stop()
         finally:
             try:
-                self.pysoci.stop()
+                self.pysoci.stop_all()
             finally:
                 cleanup_dir(self.wd)
 

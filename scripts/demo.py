@@ -163,7 +163,7 @@ def main() -> int:
         if containerd is not None:
             containerd.stop()
         if pysoci is not None:
-            pysoci.stop()
+            pysoci.stop_all()
         registry.stop()
     print(f"\nlogs and state are in {OUT}")
     return 0

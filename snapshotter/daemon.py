@@ -1,14 +1,17 @@
-"""`pysoci serve`: the snapshotter daemon's wiring.
+"""`pysoci serve`: the control plane — containerd's Snapshots API over gRPC.
 
-The trio loop runs in the main thread and owns the data plane (the one FUSE session, span
-caches, background fetcher, registry client). gRPC handlers run in grpcio's thread pool and
-reach the loop only through the TrioBridge. Readiness and shutdown are reported to systemd.
+It owns the metastore (`ROOT/metadata.db`), the snapshot directories and the layers it
+unpacks itself (`ROOT/layers`), and resolves images and their SOCI indexes. The layers it
+serves lazily live in the data plane (`pysoci data-plane run`, a process of its own that
+outlives this one): they reach it only as `LayerSpec`s over the data plane's local API.
 
-Start: take the root lock, detach a FUSE mount left by a daemon that was killed, report the
-container overlays still using it (their lazy layers are gone for good, see the README),
-mount the FUSE session, mount every remote snapshot's layer again, and only then serve gRPC
-and report READY. Stop (SIGTERM, SIGINT): STOPPING, gRPC stops with a grace period, the store
-closes, every layer and the FUSE session are unmounted.
+gRPC handlers run in grpcio's thread pool and reach the trio loop in the main thread only
+through the TrioBridge. Start: take the root lock, find the data plane (or start it, with
+`spawn`), move an older pysoci's records into the metastore, make every snapshot's layer
+available again — layers the data plane still serves are kept as they are — then serve gRPC
+and report READY. Whenever a new data plane takes over (a crash, an upgrade), every layer is
+served again there. Stop (SIGTERM, SIGINT): STOPPING, gRPC stops with a grace period, the
+store closes; the data plane and the containers reading through it carry on.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from snapshotter.bridge import TrioBridge
 from snapshotter.config import Config, unpack_bounds
 from snapshotter.content.discovery import Modes
 from snapshotter.content.local_layers import LocalLayers
-from snapshotter.dataplane.lazy import LazyLayers
-from snapshotter.dataplane.plane import LocalDataPlane
+from snapshotter.dataplane.client import DataPlaneClient
+from snapshotter.dataplane.supervisor import DataPlaneSupervisor
 from snapshotter.legacy import migrate_lazy_records
-from snapshotter.lifecycle import lock_root, overlays_using, unmount_stale_fuse
+from snapshotter.lifecycle import lock_root
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.node import node_registry_client
 from snapshotter.remote.hook import SociRemote
@@ -54,67 +57,75 @@ def modes(config: Config) -> Modes:
     return Modes(v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable)
 
 
-async def serve_daemon(config: Config, root: Path, address: str, *, max_workers: int = 16) -> None:
-    """Serve until SIGTERM/SIGINT, then stop gRPC, unmount and flush."""
+async def serve_daemon(
+    config: Config,
+    root: Path,
+    address: str,
+    *,
+    max_workers: int = 16,
+    spawn: bool = True,
+    config_path: Path | None = None,
+    log_level: str = "info",
+    log_format: str = "json",
+) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gRPC and flush the store."""
     started = time.monotonic()
     root = root.absolute()
     lock_fd = lock_root(root)
     try:
-        await _serve(config, root, address, max_workers, started)
+        supervisor = DataPlaneSupervisor(
+            DataPlaneClient(root),
+            spawn=spawn,
+            config_path=config_path,
+            log_level=log_level,
+            log_format=log_format,
+        )
+        await _serve(config, root, address, max_workers, started, supervisor)
     finally:
         os.close(lock_fd)
 
 
-def _report_stale(root: Path) -> None:
-    """Detach a FUSE mount a killed daemon left, and say which containers it breaks."""
-    fuse_root = root / "fuse"
-    if unmount_stale_fuse(fuse_root) == 0:
-        return
-    for user in overlays_using(fuse_root):
-        log.error(
-            "container %s (overlay at %s) uses lazy layers %s of the previous FUSE session, "
-            "which died with the previous daemon: its reads of files not already in the page "
-            "cache fail with ENOTCONN until it is restarted",
-            user.container,
-            user.mount_point,
-            ", ".join(user.layer_ids),
-        )
-
-
 async def _serve(
-    config: Config, root: Path, address: str, max_workers: int, started: float
+    config: Config,
+    root: Path,
+    address: str,
+    max_workers: int,
+    started: float,
+    supervisor: DataPlaneSupervisor,
 ) -> None:
-    _report_stale(root)
-    lazy = LazyLayers(config, root / "fuse", root / "cache")
     store = Store(root)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with registry_client(config) as client, trio.open_nursery() as nursery:
-            await nursery.start(lazy.run)
-            plane = LocalDataPlane(
-                lazy, client, ztoc_dir=root / "ztocs", local_store_dir=root / "content"
-            )
             snapshotter = Snapshotter(root, store)
             remote = RemoteLayers(
                 ImageResolver(client, modes=modes(config), local_store_dir=root / "content"),
-                plane,
+                supervisor.client,
                 LocalLayers(root / "layers", bounds=unpack_bounds(config)),
                 users=snapshotter.layer_users,
             )
             snapshotter.remote = SociRemote(remote, TrioBridge(trio.lowlevel.current_trio_token()))
             await trio.to_thread.run_sync(migrate_lazy_records, root, snapshotter)
-            layers = await trio.to_thread.run_sync(snapshotter.layers)
-            counts = await remote.restore(layers)
             await trio.to_thread.run_sync(snapshotter.cleanup)
-            log.info(
-                "restored %d snapshot(s): %d lazy layer(s) still served, %d mounted again, "
-                "%d not mountable now, %d local layer(s) in %.2f s",
-                len(layers),
-                counts.kept,
-                counts.mounted,
-                counts.failed,
-                counts.local,
-                time.monotonic() - started,
-            )
+
+            async def restore(hello: dict[str, object]) -> None:
+                t0 = time.monotonic()
+                layers = await trio.to_thread.run_sync(snapshotter.layers)
+                counts = await remote.restore(layers)
+                log.info(
+                    "restored %d snapshot(s) with data plane %s (pid %s): %d lazy layer(s) "
+                    "still served, %d mounted again, %d not mountable now, %d local layer(s), "
+                    "in %.2f s",
+                    len(layers),
+                    hello.get("generation"),
+                    hello.get("pid"),
+                    counts.kept,
+                    counts.mounted,
+                    counts.failed,
+                    counts.local,
+                    time.monotonic() - t0,
+                )
+
+            await nursery.start(supervisor.run, restore)
             server = serve(snapshotter, address, max_workers=max_workers)
             log.info(
                 "pysoci serving on %s (root %s), ready %.2f s after start",
@@ -136,4 +147,4 @@ async def _serve(
                     snapshotter.close()
                 nursery.cancel_scope.cancel()
     store.close()
-    log.info("pysoci stopped")
+    log.info("pysoci stopped (the data plane keeps serving)")

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,16 +47,26 @@ class OverlayUser:
         return f"{m.group(1)}/{m.group(2)}" if m else self.mount_point
 
 
-def lock_root(root: Path) -> int:
-    """Hold `ROOT/pysoci.lock` for the life of the process (a second daemon would unmount the
-    first one's live FUSE mount). Returns the descriptor; closing it releases the lock."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RootBusyError(f"{root} is in use by another pysoci process") from None
+def lock_root(root: Path, name: str = LOCK_FILE, *, wait: float = 0.0) -> int:
+    """Hold `ROOT/<name>` for the life of the process (`pysoci.lock`: the control plane;
+    `data-plane.lock`: the data plane, as a second one would unmount the first one's live
+    FUSE mount), waiting up to `wait` seconds for it. Returns the descriptor; closing it
+    releases the lock."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(root / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise RootBusyError(
+                    f"{root / name} is held by another pysoci process (pid {holder or '?'})"
+                ) from None
+            time.sleep(0.05)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd

@@ -24,8 +24,15 @@ from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    make_wsgi_app,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from snapshotter.errors import PysociError
@@ -210,6 +217,66 @@ LAYERS = LayerGauges()
 REGISTRY.register(LAYERS)
 
 
+def exposition() -> str:
+    """This process's metrics in Prometheus' text format."""
+    return generate_latest(REGISTRY).decode()
+
+
+class MergedCollector(Collector):
+    """This process's metrics and another process's (the data plane's, as exposition text)
+    as one set: samples of equal name and labels are summed (a counter both processes keep,
+    such as registry errors, is their total). `pysoci_data_plane_up` says whether the other
+    process answered."""
+
+    def __init__(self, local: CollectorRegistry, remote: Callable[[], str]) -> None:
+        self._local = local
+        self._remote = remote
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+
+        def add(family: Metric) -> None:
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type
+                )
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue  # creation times do not add up
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                sums[key] = sums.get(key, 0.0) + sample.value
+
+        for family in self._local.collect():
+            add(family)
+        up = 1
+        try:
+            text = self._remote()
+            for family in text_string_to_metric_families(text):
+                add(family)
+        except Exception as e:  # the control plane's metrics must not fail with it
+            log.debug("the data plane's metrics are unavailable: %s", e)
+            up = 0
+        for (name, sample_name, labels), value in sums.items():
+            families[name].add_sample(sample_name, dict(labels), value)
+        yield from families.values()
+        yield GaugeMetricFamily(
+            "pysoci_data_plane_up", "Whether the data plane answered this scrape.", value=up
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing: collecting asks another process."""
+        return []
+
+
+def merged_registry(remote: Callable[[], str]) -> CollectorRegistry:
+    """A registry serving REGISTRY merged with `remote` (see MergedCollector)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MergedCollector(REGISTRY, remote))
+    return registry
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -256,7 +323,7 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
             super().server_bind()
 
 
-def _server(family: socket.AddressFamily, addr: Any) -> _Server:
+def _server(family: socket.AddressFamily, addr: Any, registry: CollectorRegistry) -> _Server:
     server_cls = type("MetricsServer", (_Server,), {"address_family": family})
     if family == socket.AF_UNIX:
         with suppress(FileNotFoundError):
@@ -266,7 +333,7 @@ def _server(family: socket.AddressFamily, addr: Any) -> _Server:
         server: _Server = server_cls(addr, _Handler)
     except OSError as e:
         raise MetricsAddressError(f"cannot serve metrics on {addr}: {e.strerror or e}") from e
-    app = make_wsgi_app(REGISTRY)
+    app = make_wsgi_app(registry)
 
     def only_metrics(environ: dict[str, Any], start: Callable[..., Any]) -> Iterator[bytes]:
         if environ.get("PATH_INFO", "/") not in ("/metrics", "/metrics/"):
@@ -278,10 +345,13 @@ def _server(family: socket.AddressFamily, addr: Any) -> _Server:
     return server
 
 
-def start_metrics_server(address: str, network: str = "tcp") -> Callable[[], None]:
-    """Serve `/metrics` on `address` from a daemon thread; returns the function that stops it."""
+def start_metrics_server(
+    address: str, network: str = "tcp", registry: CollectorRegistry | None = None
+) -> Callable[[], None]:
+    """Serve `/metrics` (of `registry`, REGISTRY by default) on `address` from a daemon
+    thread; returns the function that stops it."""
     family, addr = parse_address(address, network)
-    server = _server(family, addr)
+    server = _server(family, addr, registry if registry is not None else REGISTRY)
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
     log.info("metrics served at http://%s/metrics", address if family != socket.AF_UNIX else addr)

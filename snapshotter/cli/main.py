@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from snapshotter import __version__
-from snapshotter.cli import index_cmd, mount_cmd, serve_cmd, status_cmd, ztoc_cmd
+from snapshotter.cli import dataplane_cmd, index_cmd, mount_cmd, serve_cmd, status_cmd, ztoc_cmd
 from snapshotter.errors import PysociError
 
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     index_cmd.register(sub)
     mount_cmd.register(sub)
     serve_cmd.register(sub)
+    dataplane_cmd.register(sub)
     status_cmd.register(sub)
     return parser
 

@@ -173,8 +173,8 @@ def collect_daemon(root: Path) -> list[ImageStatus]:
         )
     if not is_pysoci_mount(mount):
         raise DaemonNotRunningError(
-            f"the pysoci daemon is not running: {mount} is not mounted "
-            f"(start it: `systemctl start pysoci` or `pysoci serve --root {root}`)"
+            f"the pysoci data plane is not running: {mount} is not mounted (start it: "
+            f"`systemctl start pysoci-data-plane pysoci` or `pysoci serve --root {root}`)"
         )
     statuses = read_statuses(mount)
     records = read_snapshots(root / "metadata.db")

@@ -138,6 +138,7 @@ class LazyLayers:
         self.background = BackgroundFetcher(self._fetch, self.activity)
         self._layers: dict[str, _Mounted] = {}
         self._nursery: trio.Nursery | None = None
+        self.draining = False
         self._background_paused = False
 
     def _background_room(self) -> bool:
@@ -157,7 +158,9 @@ class LazyLayers:
         return room
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Mount the FUSE session and serve until cancelled; everything is torn down after."""
+        """Mount the FUSE session and serve until cancelled or until the session ends (its
+        last user gone after `drain`, or unmounted from outside); everything is torn down
+        after."""
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         try:
             async with trio.open_nursery() as nursery:
@@ -165,7 +168,8 @@ class LazyLayers:
                 await nursery.start(self.session.run)
                 await nursery.start(self.background.run)
                 task_status.started()
-                await trio.sleep_forever()
+                await self.session.ended.wait()
+                nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
@@ -173,10 +177,19 @@ class LazyLayers:
                     await self._close(layer_id)
                 await self.background.close()
 
+    async def drain(self) -> None:
+        """Serve only the containers already using these layers: detach the FUSE mount from
+        its path (a successor mounts there), stop filling layers in the background."""
+        self.draining = True
+        self.session.detach()
+        await self.background.close()
+
     async def mount(self, spec: LayerSpec, ztoc: Ztoc, source: RangeSource) -> Path:
         """Serve a layer lazily; returns its directory (an overlay lower dir)."""
         if self._nursery is None:
             raise LayerMountError("the lazy layer service is not running")
+        if self.draining:
+            raise LayerMountError("this data plane is draining: its successor mounts layers")
         layer_id, layer_digest = spec.layer_id, spec.layer_digest
         if layer_id in self._layers:
             return self._layers[layer_id].path

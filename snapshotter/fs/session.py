@@ -10,10 +10,12 @@ pyfuse3 keeps its session in module globals, so a process runs at most one `Fuse
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 from pathlib import Path
+from typing import Final
 
 import pyfuse3
 import trio
@@ -37,6 +39,8 @@ DEFAULT_READ_AHEAD_KB = 1024
 BROKEN_STATES = frozenset({"error", "failed", "broken"})
 
 _active: FuseSession | None = None
+_LIBC: Final = ctypes.CDLL(None, use_errno=True)
+_MNT_DETACH: Final = 2
 
 
 class FuseSession:
@@ -66,6 +70,9 @@ class FuseSession:
         self.max_tasks = max_tasks
         self.debug = debug
         self.running = False
+        self.ended = trio.Event()
+        """Set once the session stopped serving (cancelled, or its connection is gone)."""
+        self._detached = False
 
     def options(self) -> set[str]:
         """Mount options: read-only, reachable by every container user, kernel-checked modes.
@@ -104,13 +111,34 @@ class FuseSession:
                 if self.read_ahead_kb is not None:
                     nursery.start_soon(self._tune_read_ahead, self.read_ahead_kb)
                 await pyfuse3.main(max_tasks=self.max_tasks)
-            log.warning("FUSE session at %s ended (unmounted from outside?)", self.mountpoint)
+            if self._detached:
+                log.info("detached FUSE session ended: its last user is gone")
+            else:
+                log.warning("FUSE session at %s ended (unmounted from outside?)", self.mountpoint)
         finally:
             self.running = False
             _active = None
             with trio.CancelScope(shield=True):
-                pyfuse3.close(unmount=True)
-            log.info("FUSE session at %s unmounted", self.mountpoint)
+                # Detached, the path may hold another process's session by now.
+                pyfuse3.close(unmount=not self._detached)
+            if not self._detached:
+                log.info("FUSE session at %s unmounted", self.mountpoint)
+            self.ended.set()
+
+    def detach(self) -> None:
+        """Take the mount out of the mount namespace (MNT_DETACH) and keep serving it.
+
+        Overlays made on its layers hold the mount by reference, so their containers read on
+        through this session; new lookups of the path find whatever is mounted there next.
+        The kernel ends the connection when the last overlay goes, and `run` returns then."""
+        if self._detached or not self.running:
+            return
+        target = os.fsencode(os.path.abspath(self.mountpoint))
+        if _LIBC.umount2(target, _MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise FsError(f"cannot detach {self.mountpoint}: {os.strerror(err)}")
+        self._detached = True
+        log.info("FUSE session at %s detached: serving its existing users only", self.mountpoint)
 
     async def _tune_read_ahead(self, kib: int) -> None:
         # The kernel applies the readahead it negotiated when it gets our INIT reply, so set

@@ -194,7 +194,7 @@ def rig(
         yield reg, pysoci, cd, tmp
     finally:
         cd.stop()
-        pysoci.stop()
+        pysoci.stop_all()
         reg.stop()
 
 

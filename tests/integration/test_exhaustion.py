@@ -97,7 +97,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         yield r
     finally:
         cd.stop()
-        pysoci.stop()
+        pysoci.stop_all()
         unmount_stale_fuse(fs / "root" / "fuse")
         reg.stop()
         subprocess.run(["umount", "-l", str(fs)], check=False)
@@ -317,7 +317,7 @@ def test_full_disk(rig: Rig) -> None:
     pauses = paused(rig)
     rpull(rig, ref)
     wait_for(lambda: paused(rig) > pauses, 180, "the cache to fill again")
-    rig.pysoci.stop()
+    rig.pysoci.stop_all()
     filler = fill(rig)
     rig.start()
     assert "released the metastore's reserve" in rig.log()

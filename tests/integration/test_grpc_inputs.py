@@ -40,7 +40,7 @@ def stub(tmp_path: Path) -> Iterator[pb_grpc.SnapshotsStub]:
         yield pb_grpc.SnapshotsStub(channel)
     finally:
         channel.close()
-        daemon.stop()  # SIGTERM, then SIGKILL after 30 s (a daemon stuck in a loop)
+        daemon.stop_all()  # SIGTERM, then SIGKILL after 30 s (a daemon stuck in a loop)
         unmount_stale_fuse(daemon.root / "fuse")
 
 

@@ -83,7 +83,7 @@ def rig(
         yield reg, pysoci, cd, soci, port
     finally:
         cd.stop()
-        pysoci.stop()
+        pysoci.stop_all()
         reg.stop()
 
 
@@ -198,4 +198,4 @@ def test_status_when_the_daemon_is_not_running(tmp_path: Path) -> None:
     (tmp_path / "metadata.db").touch()
     (tmp_path / "fuse").mkdir()
     res = status(tmp_path)
-    assert res.returncode == 1 and "daemon is not running" in res.stderr, res.stderr
+    assert res.returncode == 1 and "data plane is not running" in res.stderr, res.stderr

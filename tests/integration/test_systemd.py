@@ -1,19 +1,25 @@
 """Installation: the systemd units, socket activation, the Dockerfile and the default config.
 
 systemd is not PID 1 on the test machines, so the units are checked with `systemd-analyze
-verify` and their runtime contract is emulated with real processes: the listening socket is
-created here (as pysoci.socket does) and handed to `pysoci serve --address fd://3` as fd 3 with
-LISTEN_FDS/LISTEN_PID, readiness arrives on a NOTIFY_SOCKET datagram socket, and the daemon
-runs under the unit's CapabilityBoundingSet and NoNewPrivileges (util-linux `setpriv`). One
-test uses systemd's own `systemd-socket-activate` for the fd passing. The seccomp options
-(SystemCallFilter, RestrictAddressFamilies, RestrictNamespaces) cannot be applied without
-systemd and are not exercised.
+verify` and their runtime contract is emulated with real processes: the data plane runs as
+pysoci-data-plane.service's ExecStart (its own NOTIFY_SOCKET), the listening socket is created
+here (as pysoci.socket does) and handed to pysoci.service's ExecStart as fd 3 with
+LISTEN_FDS/LISTEN_PID, readiness arrives on NOTIFY_SOCKET datagram sockets, and both daemons run
+under their unit's CapabilityBoundingSet and NoNewPrivileges (util-linux `setpriv`); a restart
+is what `Restart=always` does, a reload runs the unit's ExecReload. One test uses systemd's own
+`systemd-socket-activate` for the fd passing. What needs systemd as PID 1 is not exercised:
+cgroups and KillMode (that a restart of pysoci.service cannot reach the data plane follows from
+the data plane being another unit), and the seccomp options (SystemCallFilter,
+RestrictAddressFamilies, RestrictNamespaces).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
+import random
 import re
 import shlex
 import shutil
@@ -32,13 +38,17 @@ import grpc
 import pytest
 
 from snapshotter import config as config_mod
+from snapshotter import labels as names
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.daemon import DEFAULT_ADDRESS
+from tests.fixtures.images import Layer, files_tar, write_image
+from tests.fixtures.registry import start_registry
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "systemd" / "pysoci.service"
 SOCKET_UNIT = REPO / "systemd" / "pysoci.socket"
+DATA_PLANE = REPO / "systemd" / "pysoci-data-plane.service"
 DOCKERFILE = REPO / "Dockerfile"
 DEFAULT_CONFIG = REPO / "config" / "config.toml"
 PYSOCI = str(Path(sys.executable).with_name("pysoci"))
@@ -86,9 +96,9 @@ def unit_settings(path: Path) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def capability_bounding_set() -> list[str]:
-    """The service's CapabilityBoundingSet, as setpriv names (`sys_admin`, ...)."""
-    caps = unit_settings(SERVICE)["Service"]["CapabilityBoundingSet"]
+def capability_bounding_set(unit: Path = SERVICE) -> list[str]:
+    """A service's CapabilityBoundingSet, as setpriv names (`sys_admin`, ...)."""
+    caps = unit_settings(unit)["Service"]["CapabilityBoundingSet"]
     return [c.removeprefix("CAP_").lower() for v in caps for c in v.split()]
 
 
@@ -106,22 +116,29 @@ def _cap_mask(names: list[str]) -> int:
     return sum(1 << numbers[n] for n in names)
 
 
-def _hardened(argv: list[str]) -> list[str]:
-    """`argv` run under the service's capability bounding set and no_new_privs."""
-    caps = ",".join(["-all", *(f"+{c}" for c in capability_bounding_set())])
+def _hardened(argv: list[str], unit: Path = SERVICE) -> list[str]:
+    """`argv` run under a service's capability bounding set and no_new_privs."""
+    caps = ",".join(["-all", *(f"+{c}" for c in capability_bounding_set(unit))])
     return ["setpriv", f"--bounding-set={caps}", "--no-new-privs", "--", *argv]
 
 
-def _serve_argv(root: Path, config: Path | None) -> list[str]:
-    """The service's ExecStart with the installed path replaced by this venv's pysoci."""
-    (exec_start,) = unit_settings(SERVICE)["Service"]["ExecStart"]
-    argv = shlex.split(exec_start)
+def _unit_argv(unit: Path, key: str, root: Path, config: Path | None) -> list[str]:
+    """A unit's ExecStart/ExecReload with the installed path replaced by this venv's pysoci."""
+    (command,) = unit_settings(unit)["Service"][key]
+    argv = shlex.split(command)
     assert argv[0] == INSTALLED_PYSOCI
     argv[0] = PYSOCI
     argv[argv.index("--root") + 1] = str(root)
-    if config is not None:
+    if config is not None and key == "ExecStart":
         argv += ["--config", str(config)]
-    return [*argv, "--log-level", "debug"]
+    if key == "ExecStart":
+        argv += ["--log-level", "debug"]
+    return argv
+
+
+def _serve_argv(root: Path, config: Path | None) -> list[str]:
+    """pysoci.service's ExecStart."""
+    return _unit_argv(SERVICE, "ExecStart", root, config)
 
 
 # What systemd does in the service's process before exec: the socket at fd 3, LISTEN_FDS=1,
@@ -163,6 +180,21 @@ class Notifications:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"daemon exited {proc.returncode} before {state}") from None
 
+    def wait_line(self, prefix: str, after: int, timeout: float = 60) -> str:
+        """The first line starting with `prefix` in a message received after the first
+        `after` messages."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for m in self.messages[after:]:
+                for line in m.split("\n"):
+                    if line.startswith(prefix):
+                        return line
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {prefix} in {self.messages[after:]}")
+            self.sock.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.sock.recv(4096).decode())
+
     def close(self) -> None:
         self.sock.close()
 
@@ -178,7 +210,9 @@ class ActivatedPysoci:
     config: Path | None
     listener: socket.socket
     notify: Notifications
+    data_notify: Notifications
     proc: subprocess.Popen[bytes] | None = None
+    data_plane: subprocess.Popen[bytes] | None = None
     exits: list[int] = field(default_factory=list)
 
     @classmethod
@@ -192,9 +226,22 @@ class ActivatedPysoci:
         os.chmod(socket_path, 0o660)  # SocketMode=0660
         listener.listen(1024)  # Backlog=1024
         notify = Notifications(workdir / "pysoci-notify.sock")
-        daemon = cls(root, socket_path, workdir / "pysoci.log", config, listener, notify)
+        data_notify = Notifications(workdir / "data-plane-notify.sock")
+        daemon = cls(
+            root, socket_path, workdir / "pysoci.log", config, listener, notify, data_notify
+        )
+        daemon.launch_data_plane()
         daemon.launch()
         return daemon
+
+    def launch_data_plane(self) -> None:
+        """pysoci-data-plane.service's ExecStart, until READY=1 (the control plane's unit is
+        ordered after it)."""
+        argv = _hardened(_unit_argv(DATA_PLANE, "ExecStart", self.root, self.config), DATA_PLANE)
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.data_notify.path)}
+        with open(self.log, "ab") as logf:
+            self.data_plane = subprocess.Popen(argv, stdout=logf, stderr=logf, env=env)
+        self.data_notify.wait_for("READY=1", self.data_plane)
 
     def launch(self) -> None:
         """Exec the daemon on the socket and wait for READY=1."""
@@ -222,6 +269,17 @@ class ActivatedPysoci:
                 f"pysoci did not become ready: {self.log.read_text()[-3000:]}"
             ) from None
 
+    def data_plane_main(self) -> int:
+        """The data plane unit's main pid: the last MAINPID it announced, else the first."""
+        assert self.data_plane is not None
+        pids = [
+            int(line.split("=", 1)[1])
+            for m in self.data_notify.messages
+            for line in m.split("\n")
+            if line.startswith("MAINPID=")
+        ]
+        return pids[-1] if pids else self.data_plane.pid
+
     def terminate(self, sig: int = signal.SIGTERM) -> int:
         """Stop the daemon (the socket stays open, as pysoci.socket's does)."""
         assert self.proc is not None
@@ -238,10 +296,30 @@ class ActivatedPysoci:
     def stop(self) -> None:
         if self.proc is not None:
             self.terminate()
+        if self.data_plane is not None:
+            main = self.data_plane_main()
+            os.kill(main, signal.SIGTERM)  # the data plane unit's stop: its main process
+            deadline = time.monotonic() + 60
+            while _running(main) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.data_plane.poll() is None and main != self.data_plane.pid:
+                self.data_plane.kill()  # KillMode=mixed: what is left is killed
+            if _running(main):
+                os.kill(main, signal.SIGKILL)
+            self.data_plane.wait(60)
         self.listener.close()
         self.notify.close()
+        self.data_notify.close()
         with open(self.log, "a") as f:
             f.write(f"\n[test] daemon exit codes: {self.exits}\n")
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _fuse_mounted(root: Path) -> bool:
@@ -264,19 +342,27 @@ def _names(stub: pb_grpc.SnapshotsStub) -> set[str]:
 
 @pytest.fixture(scope="module")
 def installed_units(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Both units as installed, with ExecStart pointing at this checkout's pysoci (verify
+    """The units as installed, with ExecStart pointing at this checkout's pysoci (verify
     checks that the binary exists)."""
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze not found (Debian's systemd package)")
     d = tmp_path_factory.mktemp("units")
-    (d / "pysoci.service").write_text(SERVICE.read_text().replace(INSTALLED_PYSOCI, PYSOCI))
+    for unit in (SERVICE, DATA_PLANE):
+        (d / unit.name).write_text(unit.read_text().replace(INSTALLED_PYSOCI, PYSOCI))
     shutil.copy(SOCKET_UNIT, d / "pysoci.socket")
     return d
 
 
 def test_units_verify(installed_units: Path) -> None:
     res = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "pysoci.socket", "pysoci.service"],
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            "pysoci.socket",
+            "pysoci.service",
+            "pysoci-data-plane.service",
+        ],
         cwd=installed_units,
         capture_output=True,
         text=True,
@@ -319,6 +405,22 @@ def test_unit_contract() -> None:
     (exec_start,) = svc["ExecStart"]
     argv = shlex.split(exec_start)
     assert argv[:2] == [INSTALLED_PYSOCI, "serve"] and "fd://3" in argv
+    # The data plane is another unit the control plane wants but does not require (a data
+    # plane restart must not restart it), and never spawns into its own cgroup.
+    assert argv[argv.index("--data-plane") + 1] == "external"
+    assert "pysoci-data-plane.service" in " ".join(unit["Wants"])
+    assert "pysoci-data-plane.service" in " ".join(unit["After"])
+    assert "pysoci-data-plane.service" not in " ".join(unit.get("Requires", []))
+    data = unit_settings(DATA_PLANE)
+    dsvc = data["Service"]
+    assert dsvc["Type"] == ["notify"] and dsvc["NotifyAccess"] == ["all"]  # the hand-over
+    assert dsvc["KillMode"] == ["mixed"] and dsvc["Restart"] == ["always"]
+    assert shlex.split(dsvc["ExecStart"][0])[1:3] == ["data-plane", "run"]
+    assert shlex.split(dsvc["ExecReload"][0])[1:3] == ["data-plane", "upgrade"]
+    assert {"containerd.service", "pysoci.service"} <= set(" ".join(data["Unit"]["Before"]).split())
+    assert not set(dsvc) & set(MOUNT_NAMESPACE_OPTIONS)
+    assert dsvc["NoNewPrivileges"] == ["yes"] and dsvc["OOMScoreAdjust"] == ["-999"]
+    assert capability_bounding_set(DATA_PLANE) == capability_bounding_set(SERVICE)
     # No option that would hide pysoci's mounts from containerd.
     assert not set(svc) & set(MOUNT_NAMESPACE_OPTIONS), set(svc) & set(MOUNT_NAMESPACE_OPTIONS)
     assert svc["NoNewPrivileges"] == ["yes"]
@@ -343,7 +445,19 @@ def test_systemd_socket_activate_on_demand(tmp_path: Path) -> None:
     sock_path.parent.mkdir()
     root = tmp_path / "root"
     notify = Notifications(tmp_path / "notify.sock")
+    data_notify = Notifications(tmp_path / "data-notify.sock")
     log = tmp_path / "serve.log"
+    # pysoci-data-plane.service first (the control plane's unit is ordered after it).
+    data_env = {**os.environ, "NOTIFY_SOCKET": str(data_notify.path)}
+    with open(tmp_path / "data-plane.log", "wb") as logf:
+        data_plane = subprocess.Popen(
+            _hardened(_unit_argv(DATA_PLANE, "ExecStart", root, None), DATA_PLANE),
+            stdout=logf,
+            stderr=logf,
+            env=data_env,
+        )
+    data_notify.wait_for("READY=1", data_plane)
+    assert _fuse_mounted(root)  # the data plane's FUSE session
     argv = _hardened(
         [
             "systemd-socket-activate",
@@ -361,13 +475,12 @@ def test_systemd_socket_activate_on_demand(tmp_path: Path) -> None:
         while not sock_path.exists():
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
             time.sleep(0.05)
-        assert not notify.messages and not _fuse_mounted(root)  # nothing runs yet
+        assert not notify.messages  # the control plane does not run yet
         stub = _stub(sock_path)
         resp = stub.Prepare(pb.PrepareSnapshotRequest(snapshotter="soci", key="k1"), timeout=60)
         assert resp.mounts[0].type == "bind"
         notify.wait_for("READY=1", proc)
         assert _names(stub) == {"k1"}
-        assert _fuse_mounted(root)
         # The daemon (exec'd in place of systemd-socket-activate) runs bounded and no_new_privs.
         status = Path(f"/proc/{proc.pid}/status").read_text()
         assert int(re.search(r"CapBnd:\s*(\w+)", status)[1], 16) == _cap_mask(  # type: ignore[index]
@@ -378,12 +491,22 @@ def test_systemd_socket_activate_on_demand(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
         notify.wait_for("STOPPING=1", timeout=5)
+        assert _fuse_mounted(root)  # the control plane's stop leaves the data plane serving
+        status = Path(f"/proc/{data_plane.pid}/status").read_text()
+        assert int(re.search(r"CapBnd:\s*(\w+)", status)[1], 16) == _cap_mask(  # type: ignore[index]
+            capability_bounding_set(DATA_PLANE)
+        )
+        data_plane.send_signal(signal.SIGTERM)  # the data plane unit's stop
+        assert data_plane.wait(60) == 0
+        data_notify.wait_for("STOPPING=1", timeout=5)
         assert not _fuse_mounted(root)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for p in (proc, data_plane):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         notify.close()
+        data_notify.close()
 
 
 def test_socket_outlives_a_restart(tmp_path: Path) -> None:
@@ -417,6 +540,120 @@ def test_socket_outlives_a_restart(tmp_path: Path) -> None:
     finally:
         daemon.stop()
     assert daemon.exits == [0, 0]
+
+
+def test_units_keep_a_containers_lazy_layer_across_restart_and_reload(tmp_path: Path) -> None:
+    """Both services as their units run them: a reader on an overlay over a lazy layer (a
+    container's rootfs) reads on, every byte right and no operation failing, across a restart
+    of pysoci.service (SIGTERM, then Restart=always) and a `systemctl reload` of
+    pysoci-data-plane.service (its ExecReload: the old data plane hands over, announces the
+    successor as MAINPID, and serves the reader on until it goes)."""
+    rng = random.Random(5)
+    files = {f"data/{i:03d}": rng.randbytes(40_000) for i in range(300)}
+    reg = start_registry(tmp_path / "registry")
+    root, certs = tmp_path / "root", tmp_path / "certs.d"
+    certs.mkdir()
+    config = tmp_path / "pysoci.toml"
+    config.write_text(f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{certs}"\n')
+    layer = Layer.from_tar(files_tar(files))
+    write_image(tmp_path / "layout", "v1", [layer])
+    plain, ref = f"{reg.host}/units:v1", f"{reg.host}/units:soci"
+    subprocess.run(
+        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{tmp_path}/layout:v1",
+         f"docker://{plain}"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    subprocess.run(
+        [PYSOCI, "convert", plain, ref, "--root", str(tmp_path / "build"), "-q",
+         "--min-layer-size", "1MiB", "--span-size", "1MiB"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    daemon = ActivatedPysoci.start(root, tmp_path / "run" / "pysoci.sock", config, tmp_path)
+    target = tmp_path / "rootfs"
+    errors: list[str] = []
+    reads = [0]
+    stop = threading.Event()
+    try:
+        stub = _stub(daemon.socket)
+        labels = {
+            names.TARGET: "sha256:chain",
+            names.CRI_IMAGE_REF: ref,
+            names.CRI_LAYER_DIGEST: "sha256:" + hashlib.sha256(layer.blob).hexdigest(),
+        }
+        with pytest.raises(grpc.RpcError) as exists:
+            stub.Prepare(
+                pb.PrepareSnapshotRequest(
+                    snapshotter="soci", key="extract sha256:chain", labels=labels
+                ),
+                timeout=120,
+            )
+        assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        (mount,) = stub.Prepare(
+            pb.PrepareSnapshotRequest(snapshotter="soci", key="ctr", parent="sha256:chain"),
+            timeout=60,
+        ).mounts
+        assert "/fuse/" in ",".join(mount.options)  # the lazy layer, not an unpack
+        target.mkdir()
+        subprocess.run(
+            ["mount", "-t", mount.type, mount.source, str(target), "-o", ",".join(mount.options)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+        def reader() -> None:
+            names_ = sorted(files)
+            i = 0
+            while not stop.is_set():
+                name = names_[i % len(names_)]
+                try:
+                    if (target / name).read_bytes() != files[name]:
+                        errors.append(f"wrong bytes in {name}")
+                    reads[0] += 1
+                except OSError as e:
+                    errors.append(f"{name}: {e}")
+                i += 1
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        time.sleep(1)
+        before = reads[0]
+        assert daemon.terminate() == 0  # systemctl restart pysoci: stop ...
+        time.sleep(1)
+        daemon.launch()  # ... and start
+        assert reads[0] > before
+        old = daemon.data_plane_main()
+        seen = len(daemon.data_notify.messages)
+        env = {**os.environ, "NOTIFY_SOCKET": str(daemon.data_notify.path)}
+        reload = subprocess.run(
+            _hardened(_unit_argv(DATA_PLANE, "ExecReload", root, None), DATA_PLANE),
+            capture_output=True, text=True, timeout=180, env=env,
+        )  # fmt: skip
+        assert reload.returncode == 0, reload.stderr
+        daemon.data_notify.wait_line("MAINPID=", seen)
+        daemon.data_notify.wait_line("READY=1", seen)  # from the successor
+        new = daemon.data_plane_main()
+        assert new != old and _running(old) and _running(new)
+        time.sleep(1)
+        at_reload = reads[0]
+        time.sleep(2)
+        assert reads[0] > at_reload
+        # A new container gets the layer from the new data plane.
+        (mount2,) = stub.Prepare(
+            pb.PrepareSnapshotRequest(snapshotter="soci", key="ctr2", parent="sha256:chain"),
+            timeout=60,
+        ).mounts
+        lower = [o for o in mount.options if o.startswith("lowerdir=")]
+        assert lower and [o for o in mount2.options if o.startswith("lowerdir=")] == lower
+    finally:
+        stop.set()
+        subprocess.run(["umount", str(target)], capture_output=True)
+        daemon.stop()
+        reg.stop()
+    assert errors == [], errors[:5]
+    print(f"{reads[0]} reads across the restart and the reload, none failed")
+    deadline = time.monotonic() + 30
+    while _running(old) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(old)  # the old data plane went with its last user
 
 
 # --- Dockerfile and the default config ---------------------------------------------------------

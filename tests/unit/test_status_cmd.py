@@ -138,7 +138,7 @@ def test_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     (tmp_path / "metadata.db").touch()
     assert not status_cmd.is_pysoci_mount(tmp_path / "fuse")
     assert main(["status", "--root", str(tmp_path)]) == 1
-    assert "daemon is not running" in capsys.readouterr().err
+    assert "data plane is not running" in capsys.readouterr().err
 
 
 def test_mountinfo_unescape() -> None:
