@@ -228,8 +228,9 @@ def read_statuses(mount: Path) -> dict[str, dict[str, Any]]:
     except OSError as e:
         if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
             raise DaemonNotRunningError(
-                f"the pysoci daemon is not running: {mount} is a stale FUSE mount "
-                f"({e.strerror}); restart the daemon"
+                f"the pysoci data plane is not running: {mount} is a stale FUSE mount "
+                f"({e.strerror}); restart it (`systemctl start pysoci-data-plane`, or "
+                "`pysoci serve` starts one)"
             ) from None
         raise
     out: dict[str, dict[str, Any]] = {}

@@ -199,4 +199,4 @@ def test_pysoci_mount_roots_show_their_layers(
     (tmp_path / "metadata.db").touch()
     assert main(["status", "--root", str(tmp_path)]) == 0
     captured = capsys.readouterr()
-    assert "daemon is not running" in captured.err and REF in captured.out
+    assert "data plane is not running" in captured.err and REF in captured.out
