@@ -39,8 +39,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--config", type=Path, default=None, help=f"config file ({DEFAULT_CONFIG_PATH})"
     )
     run.add_argument("--log-level", dest="dp_log_level", default="info",
-                     choices=["debug", "info", "warning", "error"])  # fmt: skip
-    run.add_argument("--log-format", dest="dp_log_format", choices=FORMATS, default=None)
+                     choices=["debug", "info", "warning", "error"],
+                     help="log level (default info)")  # fmt: skip
+    run.add_argument("--log-format", dest="dp_log_format", choices=FORMATS, default=None,
+                     help="log lines on stderr: JSON objects or text (default: the config's "
+                     "log_format)")  # fmt: skip
     run.add_argument(
         "--takeover",
         action="store_true",

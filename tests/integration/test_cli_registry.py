@@ -6,6 +6,7 @@ import json
 import random
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,11 +134,15 @@ def test_convert_pushes_a_soci_enabled_image(tmp_path: Path, registry: Registry)
     )
 
 
-def test_convert_to_another_repository_mounts_or_copies_layers(
+def test_convert_to_another_repository_mounts_its_layers(
     tmp_path: Path, registry: Registry
 ) -> None:
+    """In the same registry, the layers are mounted from the source repository (a POST with
+    ?mount= answered 201), never uploaded again; the result is a complete image."""
     ref = push_test_image(tmp_path, registry, "from")
     dst = f"{registry.host}/elsewhere/to:soci"
+    layers = [str(layer["digest"]) for layer in skopeo_raw(ref)["layers"]]  # type: ignore[index]
+    log_start = registry.log.stat().st_size
     pysoci(
         "convert",
         ref,
@@ -148,6 +153,17 @@ def test_convert_to_another_repository_mounts_or_copies_layers(
         "--min-layer-size",
         "100KiB",
     )
+    log = registry.log.read_bytes()[log_start:].decode(errors="replace")
+    access = [line for line in log.splitlines() if line.startswith("127.0.0.1 - -")]
+    for digest in layers:
+        quoted = urllib.parse.quote(digest, safe="")
+        mounted = [
+            line
+            for line in access
+            if f"POST /v2/elsewhere/to/blobs/uploads/?mount={quoted}&from=from " in line
+        ]
+        assert mounted and all('" 201 ' in line for line in mounted), (digest, mounted)
+        assert not [line for line in access if "PUT " in line and f"digest={quoted}" in line]
     subprocess.run(
         [
             "skopeo",
