@@ -188,6 +188,12 @@ class FetchTuningConfig:
     background_rate_limit: int = 0
     """Bytes per second for the whole daemon's background fetching; 0: unlimited."""
     background_preempt: bool = True
+    prefetch_connections: int = 6
+    """Range requests in flight at once for prefetching (a layer's prefetch artifact or its
+    recorded start), for the whole data plane; they pause while a read waits."""
+    prefetch_request_bytes: int = 4 << 20
+    """Most compressed bytes in one prefetch request (at least one span): small, so that a
+    read that starts waiting is not queued behind much."""
 
 
 @dataclass(frozen=True)
@@ -361,6 +367,8 @@ def fetch_config(config: Config | None = None, **overrides: Any) -> FetchConfig:
         background_request_bytes=tune.background_request_bytes,
         background_rate_limit=tune.background_rate_limit,
         background_preempt=tune.background_preempt,
+        prefetch_connections=tune.prefetch_connections,
+        prefetch_request_bytes=tune.prefetch_request_bytes,
     )
     return dataclasses.replace(settings, **overrides) if overrides else settings
 

@@ -44,10 +44,12 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 ON_DEMAND = "on_demand"
 BACKGROUND = "background"
+PREFETCH = "prefetch"
 
 SPAN_FETCHES = Counter(
     "pysoci_span_fetches_total",
-    "Range requests for compressed spans, by kind (on_demand: a read waits; background).",
+    "Range requests for compressed spans, by kind (on_demand: a read waits; prefetch: a "
+    "recorded or published start; background).",
     ["kind"],
     registry=REGISTRY,
 )

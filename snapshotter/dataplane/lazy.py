@@ -29,6 +29,7 @@ from snapshotter.config import Config, fetch_config, free_space_reserve
 from snapshotter.errors import PysociError
 from snapshotter.fetch.background import BackgroundFetcher
 from snapshotter.fetch.cache import DiskCache, LayerCache
+from snapshotter.fetch.prefetch import Prefetcher
 from snapshotter.fetch.spans import (
     ForegroundActivity,
     RangeSource,
@@ -37,7 +38,7 @@ from snapshotter.fetch.spans import (
     SpanMemoryCache,
 )
 from snapshotter.fs.session import FuseSession
-from snapshotter.fs.table import LayerUnavailableError
+from snapshotter.fs.table import LayerNotMountedError, LayerUnavailableError
 from snapshotter.remote.spec import LayerSpec
 from snapshotter.soci.ztoc import CompressionAlgorithm, Ztoc
 
@@ -105,6 +106,11 @@ class _BoundedSpanManager(SpanManager):
             return None
         return super().claim_missing(max_bytes)
 
+    def claim_prefetch(self, max_bytes: int) -> SpanClaim | None:
+        if not self.room():
+            return None
+        return super().claim_prefetch(max_bytes)
+
 
 @dataclass
 class _Mounted:
@@ -136,6 +142,7 @@ class LazyLayers:
         self.memory = SpanMemoryCache(self._fetch.memory_cache_bytes)
         self.activity = ForegroundActivity()
         self.background = BackgroundFetcher(self._fetch, self.activity)
+        self.prefetcher = Prefetcher(self._fetch, self.activity)
         self._layers: dict[str, _Mounted] = {}
         self._nursery: trio.Nursery | None = None
         self.draining = False
@@ -167,6 +174,7 @@ class LazyLayers:
                 self._nursery = nursery
                 await nursery.start(self.session.run)
                 await nursery.start(self.background.run)
+                await nursery.start(self.prefetcher.run)
                 task_status.started()
                 await self.session.ended.wait()
                 nursery.cancel_scope.cancel()
@@ -245,6 +253,7 @@ class LazyLayers:
         if mounted is None:
             return
         self.background.remove(mounted.manager)
+        self.prefetcher.remove(mounted.manager)
         try:
             await self.session.unmount_layer(layer_id)
         finally:
@@ -301,6 +310,18 @@ class LazyLayers:
     def status(self, layer_id: str) -> dict[str, object]:
         """The layer's fetch status (soci's fields)."""
         return self.session.status(layer_id)
+
+    def prefetch(self, layer_id: str, spans: Sequence[int]) -> int:
+        """Fetch these spans of a served layer at once, ahead of its readers (in this order);
+        how many were queued. LayerNotMountedError when it is not served."""
+        mounted = self._layers.get(layer_id)
+        if mounted is None:
+            raise LayerNotMountedError(f"layer {layer_id!r} is not mounted")
+        queued = mounted.manager.prefetch(spans)
+        if queued:
+            self.prefetcher.add(mounted.manager)
+            log.info("layer %s: prefetching %d span(s)", mounted.spec.layer_digest, queued)
+        return queued
 
     def served(self) -> list[tuple[LayerSpec, Path, str]]:
         """Layers being served: their spec, directory and state."""

@@ -52,3 +52,7 @@ class FetchConfig:
     """Background bytes per second for the whole daemon; 0 means unlimited."""
     background_preempt: bool
     """Cancel in-flight background requests when a foreground read starts waiting."""
+    prefetch_connections: int
+    """Prefetch requests in flight at once, for the whole data plane."""
+    prefetch_request_bytes: int
+    """Most compressed bytes in one prefetch request (at least one span)."""

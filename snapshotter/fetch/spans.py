@@ -22,7 +22,7 @@ import copy
 import hashlib
 import logging
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -163,6 +163,11 @@ class ForegroundActivity:
         finally:
             self._preemptible.discard(scope)
 
+    async def wait_no_readers(self) -> None:
+        """Return once no read waits on the network."""
+        while self.waiting > 0:
+            await self._lot.park()
+
     async def wait_quiet(self, silence: float) -> None:
         """Return once no read waits and `silence` seconds passed since the last activity."""
         while True:
@@ -296,6 +301,8 @@ class SpanManager:
         self._fill_scopes: set[trio.CancelScope] = set()
         self._prev_end = -1
         self._bg_cursor = 0
+        self._prefetch: deque[int] = deque()
+        self._prefetch_queued: set[int] = set()
         self._waiting = 0
         self._last_error = ""
         self._cache_write_failed = False
@@ -535,9 +542,10 @@ class SpanManager:
     async def _load_task(self, load: _Load, inflate: bool) -> None:
         # Errors are recorded in the load for its waiters; raising would cancel the nursery.
         with suppress(Exception), log_context(layer=self.digest):
-            await self._load(load, inflate=inflate, foreground=True)
+            await self._load(load, inflate=inflate, kind=metrics.ON_DEMAND)
 
-    async def _load(self, load: _Load, *, inflate: bool, foreground: bool) -> None:
+    async def _load(self, load: _Load, *, inflate: bool, kind: str) -> None:
+        foreground = kind == metrics.ON_DEMAND
         try:
             absent: list[int] = []
             on_disk: list[int] = []
@@ -552,7 +560,7 @@ class SpanManager:
             if absent:
                 if foreground:
                     metrics.DISK_MISSES.inc(len(absent))
-                await self._fetch(absent, inflate=inflate, foreground=foreground)
+                await self._fetch(absent, inflate=inflate, kind=kind)
                 if self.layer_verified is not False:
                     self._last_error = ""  # the registry serves again: the error is history
         except Exception as exc:
@@ -598,13 +606,13 @@ class SpanManager:
             out.append((start, b))
         return out
 
-    async def _fetch(self, spans: list[int], *, inflate: bool, foreground: bool) -> None:
+    async def _fetch(self, spans: list[int], *, inflate: bool, kind: str) -> None:
         todo = spans
         retries = max(0, self.config.max_span_verification_retries)
         for attempt in range(retries + 1):
             runs = self._coalesce(todo, self.config.max_request_bytes)
             ranges = [(self._fetch_start(a), self._zinfo.compressed_bounds(b)[1]) for a, b in runs]
-            datas = await self._request(ranges, foreground)
+            datas = await self._request(ranges, kind)
             good, bad, inflated = await trio.to_thread.run_sync(
                 self._store_job, runs, ranges, datas, inflate
             )
@@ -632,13 +640,13 @@ class SpanManager:
             f"after {retries + 1} fetches"
         )
 
-    async def _request(self, ranges: list[tuple[int, int]], foreground: bool) -> list[bytes]:
+    async def _request(self, ranges: list[tuple[int, int]], kind: str) -> list[bytes]:
+        foreground = kind == metrics.ON_DEMAND
         if foreground:
             self.activity.note_activity()
         timeout = self.config.fetching_timeout_sec
         requests = 1 if not self.config.force_single_range_mode else len(ranges)
         self.network_requests += requests
-        kind = metrics.ON_DEMAND if foreground else metrics.BACKGROUND
         metrics.SPAN_FETCHES.labels(kind).inc(requests)
         started = trio.current_time()
         try:
@@ -890,10 +898,62 @@ class SpanManager:
                 network_bytes += hi - (0 if x == 0 else lo)
         return SpanClaim(spans, network_bytes, self._register(spans))
 
-    async def fill(self, claim: SpanClaim) -> None:
-        """Bring claimed spans to VERIFIED on disk (no inflate); errors are raised."""
+    async def fill(self, claim: SpanClaim, *, kind: str = metrics.BACKGROUND) -> None:
+        """Bring claimed spans to VERIFIED on disk (no inflate); errors are raised. `kind`
+        names the requests in the metrics (background or prefetch)."""
         with self._background_section():
-            await self._load(claim._load, inflate=False, foreground=False)
+            await self._load(claim._load, inflate=False, kind=kind)
+
+    # ----------------------------------------------------------------- prefetch
+
+    def prefetch(self, spans: Iterable[int]) -> int:
+        """Queue spans to fetch ahead of any read, in the order given (a recorded or published
+        start: what is read first comes first); how many were queued. A Prefetcher fetches
+        them (`claim_prefetch`); spans on disk or being loaded when their turn comes are
+        skipped."""
+        n = len(self._state)
+        queued = 0
+        for s in spans:
+            if 0 <= s < n and self._state[s] != VERIFIED and s not in self._prefetch_queued:
+                self._prefetch.append(s)
+                self._prefetch_queued.add(s)
+                queued += 1
+        return queued
+
+    @property
+    def prefetch_pending(self) -> int:
+        """Spans still queued for prefetching."""
+        return len(self._prefetch)
+
+    def claim_prefetch(self, max_bytes: int) -> SpanClaim | None:
+        """Reserve the next queued spans: a run of consecutive ones (≤ max_bytes, ≥ one)."""
+        if self._closed or self.layer_verified is False:
+            return None
+        spans: list[int] = []
+        start = 0
+        while self._prefetch:
+            s = self._prefetch[0]
+            if self._state[s] == VERIFIED or s in self._pending:
+                self._prefetch.popleft()
+                self._prefetch_queued.discard(s)
+                continue
+            if spans and (
+                s != spans[-1] + 1 or self._zinfo.compressed_bounds(s)[1] - start > max_bytes
+            ):
+                break
+            if not spans:
+                start = self._fetch_start(s)
+            spans.append(s)
+            self._prefetch.popleft()
+            self._prefetch_queued.discard(s)
+        if not spans:
+            return None
+        network_bytes = 0
+        for x in spans:
+            if self._state[x] == ABSENT:
+                lo, hi = self._zinfo.compressed_bounds(x)
+                network_bytes += hi - (0 if x == 0 else lo)
+        return SpanClaim(spans, network_bytes, self._register(spans))
 
     def claim_uninflated(self, max_bytes: int) -> SpanClaim | None:
         """Reserve verified spans the background has not processed yet (≤ max_bytes of tar,
