@@ -7,6 +7,13 @@
   import jax, numpy, scipy, pandas, scikit-learn, one small computation with each, `ready`.
   TensorFlow (CPU) is in the image too but not imported: big images carry more than one job
   uses, which is the case lazy loading is for.
+- `ml-large`: the seeds' scale (about 3 GB compressed): the same base layer + one layer with
+  torch (its default PyPI build, with the CUDA 12 runtime wheels nvidia-* that make it big),
+  triton and transformers, every package pinned (the whole dependency closure, `--no-deps`);
+  workload: `import torch, transformers`, one forward pass of a tiny BERT built from a config
+  (no download), `ready`. This layer is reproducible to the byte from its recipe: fixed mtimes,
+  .pyc compiled by bookworm's own python3 after the mtimes are fixed, a tar without atime/ctime.
+  Its tree and tar (about 12 GB) are deleted once the blob is cached.
 - `postgres`: debootstrap minbase with Debian's postgresql, a data directory initialised at
   build time; workload: the server in the foreground, ready at "database system is ready to
   accept connections".
@@ -25,7 +32,8 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +54,47 @@ ML_REQUIREMENTS = [
     "scikit-learn==1.5.2",
     "tensorflow-cpu==2.17.1",
 ]
+# The whole closure (resolved once with `pip install --dry-run --report`), installed --no-deps.
+ML_LARGE_REQUIREMENTS = [
+    "torch==2.5.1",
+    "triton==3.1.0",
+    "nvidia-cublas-cu12==12.4.5.8",
+    "nvidia-cuda-cupti-cu12==12.4.127",
+    "nvidia-cuda-nvrtc-cu12==12.4.127",
+    "nvidia-cuda-runtime-cu12==12.4.127",
+    "nvidia-cudnn-cu12==9.1.0.70",
+    "nvidia-cufft-cu12==11.2.1.3",
+    "nvidia-curand-cu12==10.3.5.147",
+    "nvidia-cusolver-cu12==11.6.1.9",
+    "nvidia-cusparse-cu12==12.3.1.170",
+    "nvidia-nccl-cu12==2.21.5",
+    "nvidia-nvjitlink-cu12==12.4.127",
+    "nvidia-nvtx-cu12==12.4.127",
+    "sympy==1.13.1",
+    "mpmath==1.3.0",
+    "networkx==3.6.1",
+    "jinja2==3.1.6",
+    "markupsafe==3.0.4",
+    "fsspec==2026.9.0",
+    "filelock==4.3.1",
+    "typing-extensions==4.16.0",
+    "transformers==4.46.3",
+    "tokenizers==0.20.3",
+    "safetensors==0.8.0",
+    "huggingface-hub==0.36.2",
+    "hf-xet==1.8.0",
+    "numpy==1.26.4",
+    "packaging==26.4",
+    "pyyaml==6.0.4",
+    "regex==2026.11.19",
+    "requests==2.34.2",
+    "certifi==2026.10.19.post1",
+    "charset-normalizer==3.5.3",
+    "idna==3.20",
+    "urllib3==2.8.0",
+    "tqdm==4.70.1",
+]
+FIXED_MTIME = 1730419200  # 2024-11-01T00:00:00Z: every file of a reproducible layer
 PG_PACKAGES = ["python3", "postgresql"]
 PG_BIN = "/usr/lib/postgresql/15/bin"
 PG_DATA = "/var/lib/postgresql/bench"
@@ -59,6 +108,16 @@ ML_SCRIPT = (
     "m = LogisticRegression().fit(df[['a']], df['b'])\n"
     "lu = scipy.linalg.lu_factor(np.eye(8) * 2.0)\n"
     "print('ready', s, round(m.score(df[['a']], df['b']), 2), flush=True)\n"
+)
+ML_LARGE_SCRIPT = (
+    "import torch, transformers\n"
+    "torch.manual_seed(0)\n"
+    "cfg = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,\n"
+    "                              num_attention_heads=2, intermediate_size=64)\n"
+    "model = transformers.BertModel(cfg).eval()\n"
+    "with torch.no_grad():\n"
+    "    out = model(torch.arange(16).reshape(2, 8)).last_hidden_state\n"
+    "print('ready', torch.__version__, transformers.__version__, tuple(out.shape), flush=True)\n"
 )
 
 
@@ -80,6 +139,7 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {
     "python": Workload(("/usr/bin/python3", "-c", "print('ready')"), "ready", True),
     "ml": Workload(("/usr/bin/python3", "-c", ML_SCRIPT), "ready", True),
+    "ml-large": Workload(("/usr/bin/python3", "-c", ML_LARGE_SCRIPT), "ready", True),
     "postgres": Workload(
         tuple(
             f"/usr/sbin/runuser -u postgres -- {PG_BIN}/postgres -D {PG_DATA} "
@@ -122,6 +182,44 @@ def ml_tree() -> Path:
     adopt_ml_site(site, tmp)
     tmp.rename(tree)
     return tree
+
+
+PIP_PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64",
+                 "manylinux_2_28_x86_64", "manylinux1_x86_64", "linux_x86_64"]  # fmt: skip
+
+
+def ml_large_tree(tree: Path) -> None:
+    """pip-install the pinned torch + transformers closure into `tree`, reproducibly."""
+    site = tree / "usr/local/lib/python3.11/dist-packages"
+    log(f"pip install {len(ML_LARGE_REQUIREMENTS)} pinned packages, torch with CUDA wheels "
+        "(about 3 GB from PyPI; several minutes)")  # fmt: skip
+    cmd = ["python3", "-m", "pip", "install", "--no-cache-dir", "--no-deps", "--no-compile",
+           "--target", str(site), "--no-warn-script-location", "--only-binary=:all:",
+           "--implementation", "cp", "--python-version", "3.11"]  # fmt: skip
+    for p in PIP_PLATFORMS:
+        cmd += ["--platform", p]
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    env["TMPDIR"] = str(CACHE)  # the wheels (3 GB) do not fit a small /tmp
+    subprocess.run([*cmd, *ML_LARGE_REQUIREMENTS], check=True, capture_output=True,
+                   timeout=7200, env=env)  # fmt: skip
+    adopt_ml_site(site, tree)
+    # pip leaves wall-clock mtimes: fix them, then compile with the image's own python3
+    # (timestamp pycs of the fixed mtimes are valid in the image), then fix the new files'.
+    fix_mtimes(tree)
+    subprocess.run(
+        ["/usr/bin/python3", "-m", "compileall", "-q", "-j", "0", "--invalidation-mode",
+         "timestamp", str(site)],
+        check=False, capture_output=True, timeout=3600, env=env,
+    )  # fmt: skip
+    fix_mtimes(tree)
+
+
+def fix_mtimes(tree: Path, mtime: int = FIXED_MTIME) -> None:
+    """Every entry under `tree` (not following symlinks) gets `mtime`."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in [*dirnames, *filenames]:
+            os.utime(os.path.join(dirpath, name), (mtime, mtime), follow_symlinks=False)
+    os.utime(tree, (mtime, mtime))
 
 
 def adopt_ml_site(site: Path, tree: Path) -> None:
@@ -200,6 +298,19 @@ def tar_tree(tree: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+def reproducible_tar(tree: Path, out: Path) -> None:
+    """A tar of `tree` that depends only on its content (names sorted, owners numeric, no
+    atime/ctime records)."""
+    tmp = out.with_name(out.name + ".tmp")
+    subprocess.run(
+        ["tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--xattrs",
+         "--numeric-owner", "--owner=0", "--group=0", "--sort=name", "-C", str(tree),
+         "-cf", str(tmp), "."],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tmp.rename(out)
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -236,6 +347,33 @@ def tree_layer(tree: Path, name: str) -> LayerFile:
     return gzip_layer(tar)
 
 
+def recipe_layer(name: str, recipe: list[str], build: Callable[[Path], None]) -> LayerFile:
+    """A layer built from `recipe` by `build(tree)`, cached as its gzip blob only: the tree
+    and the tar are deleted once the blob and its metadata are written."""
+    key = f"{name}-{_recipe_key(recipe)}"
+    marker = CACHE / "layers" / f"recipe-{key}.json"
+    if marker.exists():
+        m = json.loads(marker.read_text())
+        blob = CACHE / "layers" / (m["diff_id"].split(":")[1] + ".tar.gz")
+        if blob.exists():
+            return LayerFile(blob, m["digest"], m["size"], m["diff_id"], m["tar_size"])
+    tree = CACHE / f"{key}-tree"
+    tar = CACHE / f"{key}.tar"
+    if not tar.exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir(parents=True)
+        build(tree)
+        log(f"tar {tree}")
+        reproducible_tar(tree, tar)
+    shutil.rmtree(tree, ignore_errors=True)
+    log(f"gzip {tar} ({tar.stat().st_size / 1e9:.1f} GB)")
+    layer = gzip_layer(tar)
+    marker.write_text(json.dumps({"diff_id": layer.diff_id, "digest": layer.digest,
+                                  "size": layer.size, "tar_size": layer.tar_size}))  # fmt: skip
+    tar.unlink()
+    return layer
+
+
 def image_layers(name: str) -> list[LayerFile]:
     base = gzip_layer(rootfs_tar())
     if name == "python":
@@ -243,6 +381,8 @@ def image_layers(name: str) -> list[LayerFile]:
     if name == "ml":
         tree = ml_tree()
         return [base, tree_layer(tree, tree.name)]
+    if name == "ml-large":
+        return [base, recipe_layer(name, ML_LARGE_REQUIREMENTS, ml_large_tree)]
     if name == "postgres":
         tree = postgres_tree()
         return [tree_layer(tree, tree.name)]
@@ -267,6 +407,10 @@ def write_layout(layout_dir: Path, name: str) -> tuple[oci.Descriptor, list[Laye
     descs = []
     for layer in layers:
         if not layout.has_blob(layer.digest):
+            with contextlib.suppress(OSError):  # a copy when the cache spans filesystems
+                layout.blob_path(layer.digest).parent.mkdir(parents=True, exist_ok=True)
+                os.link(layer.blob, layout.blob_path(layer.digest))
+        if not layout.has_blob(layer.digest):
             with open(layer.blob, "rb") as f:
                 layout.write_blob_from_stream(
                     iter(lambda f=f: f.read(1 << 20), b""),  # type: ignore[misc]
@@ -282,7 +426,8 @@ def write_layout(layout_dir: Path, name: str) -> tuple[oci.Descriptor, list[Laye
 
 def main() -> int:
     """Build (or find) every image: `python -m bench.images`."""
-    for name in WORKLOADS:
+    names = sys.argv[1:] or list(WORKLOADS)
+    for name in names:
         desc, layers = write_layout(CACHE / "layout", name)
         total = sum(layer.size for layer in layers)
         log(f"{name}: {desc.digest} {len(layers)} layers, {total / 1e6:.0f} MB compressed")

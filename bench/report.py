@@ -1,4 +1,4 @@
-"""The startup benchmark's report: a Markdown table, the targets, and a PNG chart.
+"""The startup benchmark's report: Markdown tables, the targets, and a PNG chart.
 
 `python -m bench.report [--publish]` re-renders from bench/out/startup.json; `--publish` copies
 the table and chart to bench/results/ (committed; bench/out is not).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 from collections.abc import Sequence
@@ -18,20 +19,40 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 RESULTS = HERE / "results"
 MB = 1_000_000
-MODES = ("overlayfs", "pysoci")
+MODES = ("overlayfs", "pysoci", "pysoci+prefetch", "soci", "soci+prefetch")
+LAZY = ("pysoci", "pysoci+prefetch", "soci", "soci+prefetch")
+PEER = {"pysoci": "soci", "pysoci+prefetch": "soci+prefetch"}
+"""The real soci's mode each pysoci mode is compared with (same run, image and network)."""
+COLORS = {"overlayfs": "#8c8c8c", "pysoci": "#2b7bba", "pysoci+prefetch": "#12467a",
+          "soci": "#e69f00", "soci+prefetch": "#a0522d"}  # fmt: skip
 
 
 def _med(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def _span(xs: Sequence[float], unit: str = "s", scale: float = 1.0, digits: int = 2) -> str:
+def _span(xs: Sequence[float], digits: int = 2) -> str:
     if not xs:
         return "–"
-    m = _med(xs) / scale
+    m = _med(xs)
     if len(xs) == 1:
-        return f"{m:.{digits}f} {unit}"
-    return f"{m:.{digits}f} {unit} ({min(xs) / scale:.{digits}f}–{max(xs) / scale:.{digits}f})"
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ({min(xs):.{digits}f}–{max(xs):.{digits}f})"
+
+
+def _ok(x: float) -> bool:
+    return not math.isnan(x)
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float:
+    if not a or not b or not a["ready"] or not b["ready"]:
+        return float("nan")
+    return _med(a["ready"]) / _med(b["ready"])
+
+
+def _modes(data: dict[str, Any]) -> list[str]:
+    seen = {r["mode"] for r in data["runs"]}
+    return [m for m in MODES if m in seen]
 
 
 def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -43,24 +64,15 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
             read = data.get("read", {}).get(image, {})
             bytes_read = read.get("fetched_at_ready", 0)
             per_mode: dict[str, dict[str, Any]] = {}
-            for mode in MODES:
-                runs = [
+            for mode in _modes(data):
+                mine = [
                     r
                     for r in data["runs"]
-                    if r["image"] == image
-                    and r["network"] == network
-                    and r["mode"] == mode
-                    and not r["error"]
+                    if r["image"] == image and r["network"] == network and r["mode"] == mode
                 ]
-                failed = sum(
-                    1
-                    for r in data["runs"]
-                    if r["image"] == image
-                    and r["network"] == network
-                    and r["mode"] == mode
-                    and r["error"]
-                )
-                if not runs and not failed:
+                runs = [r for r in mine if not r["error"]]
+                failed = len(mine) - len(runs)
+                if not mine:
                     continue
                 needed = info["compressed"] if mode == "overlayfs" else bytes_read
                 warm = [r["warm_s"] for r in runs if r["warm_s"] > 0]
@@ -76,16 +88,18 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "at_ready": [r["bytes_at_ready"] for r in runs],
                     "total": [r["bytes_total"] for r in runs],
                     "warm": warm,
+                    "cpu": [r.get("daemon_cpu_s", 0.0) for r in runs],
+                    "cpu_ready": [r.get("daemon_cpu_ready_s", 0.0) for r in runs],
+                    "rss": [r.get("daemon_rss_peak", 0) for r in runs],
+                    "procs": max((r.get("daemon_procs", 0) for r in runs), default=0),
                     "needed": needed,
                     "limit": limit,
                 }
             base = per_mode.get("overlayfs")
             for row in per_mode.values():
-                row["ratio"] = (
-                    _med(row["ready"]) / _med(base["ready"])
-                    if base and base["ready"] and row["ready"]
-                    else float("nan")
-                )
+                row["ratio"] = _ratio(row, base)
+                peer = PEER.get(row["mode"])
+                row["vs_soci"] = _ratio(row, per_mode.get(peer)) if peer else float("nan")
                 row["bytes_read"] = bytes_read
                 rows.append(row)
     return rows
@@ -93,10 +107,10 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| network | image | mode | time to ready, s: median (min–max) | pysoci / overlayfs "
-        "| pull step, s | MB at ready | MB total | warm start, s | physical limit, s "
-        "| ready / limit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| network | image | mode | time to ready, s: median (min–max) | / overlayfs "
+        "| pysoci / soci | pull step, s | MB at ready | MB total | warm start, s "
+        "| physical limit, s | ready / limit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ready = _med(r["ready"])
@@ -104,61 +118,92 @@ def table(rows: list[dict[str, Any]]) -> str:
             r["network"],
             r["image"],
             r["mode"] + (f" ({r['failed']} failed)" if r["failed"] else ""),
-            _span(r["ready"], "").strip() + f" ×{r['n']}",
-            f"{r['ratio']:.2f}" if r["mode"] != "overlayfs" else "1",
+            _span(r["ready"]) + f" ×{r['n']}",
+            f"{r['ratio']:.2f}" if r["mode"] != "overlayfs" and _ok(r["ratio"]) else "1"
+            if r["mode"] == "overlayfs" else "–",
+            f"{r['vs_soci']:.2f}" if _ok(r["vs_soci"]) else "–",
             f"{_med(r['pull']):.2f}",
             f"{_med(r['at_ready']) / MB:.1f}",
             f"{_med(r['total']) / MB:.1f}",
             f"{_med(r['warm']):.2f}",
-            f"{r['limit']:.2f}",
-            f"{ready / r['limit']:.2f}" if r["limit"] == r["limit"] else "–",
+            f"{r['limit']:.2f}" if _ok(r["limit"]) else "–",
+            f"{ready / r['limit']:.2f}" if _ok(r["limit"]) and r["ready"] else "–",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def daemon_table(rows: list[dict[str, Any]]) -> str:
+    """CPU and memory of the snapshotter daemons, pysoci and soci side by side."""
+    lines = [
+        "| network | image | mode | daemon CPU s to ready | daemon CPU s to exit | MB fetched "
+        "| CPU s per MB fetched | peak RSS, MiB | processes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["mode"] not in LAZY or not r["ready"]:
+            continue
+        cpu, total = _med(r["cpu"]), _med(r["total"]) / MB
+        cells = [
+            r["network"],
+            r["image"],
+            r["mode"],
+            _span(r["cpu_ready"]),
+            _span(r["cpu"]),
+            f"{total:.1f}",
+            f"{cpu / total:.4f}" if total else "–",
+            f"{_med(r['rss']) / 2**20:.0f} ({max(r['rss']) / 2**20:.0f} max)",
+            str(r["procs"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def targets(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def targets(rows: list[dict[str, Any]]) -> str:
+    """Issue 13's targets, each from ratios of one run."""
     out = ["| target | network | value | met |", "|---|---|---|---|"]
 
     def add(name: str, network: str, value: float, limit: float) -> None:
+        if not _ok(value):
+            return
         ok = "yes" if value <= limit else "**no**"
         out.append(f"| {name} | {network} | {value:.2f} (≤ {limit}) | {ok} |")
 
     for r in rows:
-        if r["mode"] != "pysoci" or not r["ready"]:
+        if r["mode"] not in ("pysoci", "pysoci+prefetch") or not r["ready"]:
             continue
-        if r["image"] == "ml":
-            add("ml: pysoci / overlayfs time to ready", r["network"], r["ratio"], 0.25)
-        if r["image"] == "python":
-            add("python: pysoci / overlayfs time to ready", r["network"], r["ratio"], 1.05)
+        image, net, mode = r["image"], r["network"], r["mode"]
+        to_limit = _med(r["ready"]) / r["limit"] if _ok(r["limit"]) else float("nan")
+        if mode == "pysoci+prefetch":
+            if image in ("ml", "ml-large") and net == "1gbit":
+                add(f"{image}: pysoci+prefetch / overlayfs", net, r["ratio"], 0.20)
+            if image == "ml":
+                add("ml: pysoci+prefetch / physical limit", net, to_limit, 1.3)
+        if mode == "pysoci" and image == "ml" and net == "1gbit":
+            add("ml: pysoci / overlayfs", net, r["ratio"], 0.30)
+        if mode == "pysoci" and image in ("python", "postgres"):
+            add(f"{image}: pysoci / overlayfs (no slower than 0.28–0.32)", net, r["ratio"], 0.32)
+        add(f"{image}: {mode} / {PEER[mode]} time to ready", net, r["vs_soci"], 0.8)
         if r["bytes_read"]:
-            add(
-                f"{r['image']}: bytes at ready / bytes read",
-                r["network"],
-                _med(r["at_ready"]) / r["bytes_read"],
-                1.5,
-            )
-        if r["limit"] == r["limit"]:
-            add(
-                f"{r['image']}: pysoci time to ready / physical limit",
-                r["network"],
-                _med(r["ready"]) / r["limit"],
-                1.5,
-            )
+            add(f"{image}: {mode} bytes at ready / bytes read", net,
+                _med(r["at_ready"]) / r["bytes_read"], 1.5)  # fmt: skip
     return "\n".join(out)
 
 
 def images_table(data: dict[str, Any]) -> str:
     lines = [
-        "| image | layers | compressed | uncompressed | bytes read (spans touched) |",
-        "|---|---|---|---|---|",
+        "| image | layers | compressed | uncompressed | bytes read (spans touched) "
+        "| files read (prefetch list) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, info in data.get("images", {}).items():
         read = data.get("read", {}).get(name, {}).get("fetched_at_ready", 0)
         share = f" ({100 * read / info['compressed']:.1f} %)" if read else ""
+        files = info.get("prefetch_files", 0)
         lines.append(
             f"| {name} | {len(info['layers'])} | {info['compressed'] / MB:.0f} MB "
-            f"| {info['uncompressed'] / MB:.0f} MB | {read / MB:.1f} MB{share} |"
+            f"| {info['uncompressed'] / MB:.0f} MB | {read / MB:.1f} MB{share} "
+            f"| {files or '–'} |"
         )
     return "\n".join(lines)
 
@@ -169,36 +214,43 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["image"], r["network"]) for r in rows}, key=lambda g: (g[0], g[1]))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.5))
-    width = 0.38
-    colors = {"overlayfs": "#8c8c8c", "pysoci": "#2b7bba"}
-    for k, mode in enumerate(MODES):
-        xs, ys, lo, hi, limits = [], [], [], [], []
-        for g, (image, network) in enumerate(groups):
-            r = next((r for r in rows if (r["image"], r["network"], r["mode"]) == (
-                image, network, mode)), None)  # fmt: skip
-            if r is None or not r["ready"]:
-                continue
-            m = _med(r["ready"])
-            xs.append(g + (k - 0.5) * width)
-            ys.append(m)
-            lo.append(m - min(r["ready"]))
-            hi.append(max(r["ready"]) - m)
-            limits.append(r["limit"])
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors[mode], label=mode)
-        for x, y, lim in zip(xs, ys, limits, strict=True):
-            ax.annotate(f"{y:.1f}", (x, y), ha="center", va="bottom", fontsize=8,
-                        xytext=(0, 2), textcoords="offset points")  # fmt: skip
-            if lim == lim:
-                ax.hlines(lim, x - width / 2, x + width / 2, colors="black", linestyles="dotted")
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{i}\n{n}" for i, n in groups])
-    ax.set_ylabel("time to ready, s (median, min–max)")
-    ax.set_title(title, fontsize=10)
-    ax.plot([], [], "k:", label="physical limit")
-    ax.legend()
-    fig.tight_layout()
+    image_names = list(dict.fromkeys(r["image"] for r in rows))
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(
+        1, len(image_names), figsize=(max(6.0, 3.2 * len(image_names)), 4.8), squeeze=False
+    )
+    width = 0.8 / max(1, len(modes))
+    for ax, image in zip(axes[0], image_names, strict=True):
+        networks = list(dict.fromkeys(r["network"] for r in rows if r["image"] == image))
+        for k, mode in enumerate(modes):
+            xs, ys, lo, hi, limits = [], [], [], [], []
+            for g, network in enumerate(networks):
+                r = next((r for r in rows if (r["image"], r["network"], r["mode"]) == (
+                    image, network, mode)), None)  # fmt: skip
+                if r is None or not r["ready"]:
+                    continue
+                m = _med(r["ready"])
+                xs.append(g + (k - (len(modes) - 1) / 2) * width)
+                ys.append(m)
+                lo.append(m - min(r["ready"]))
+                hi.append(max(r["ready"]) - m)
+                limits.append(r["limit"])
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=COLORS[mode], label=mode)
+            for x, y, lim in zip(xs, ys, limits, strict=True):
+                ax.annotate(f"{y:.1f}", (x, y), ha="center", va="bottom", fontsize=6,
+                            xytext=(0, 2), textcoords="offset points")  # fmt: skip
+                if _ok(lim):
+                    ax.hlines(lim, x - width / 2, x + width / 2, colors="black",
+                              linestyles="dotted")  # fmt: skip
+        ax.set_xticks(range(len(networks)))
+        ax.set_xticklabels(networks)
+        ax.set_title(image, fontsize=10)
+    axes[0][0].set_ylabel("time to ready, s (median, min–max)")
+    axes[0][0].plot([], [], "k:", label="physical limit")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -209,17 +261,36 @@ def markdown(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     head = (
         f"Measured {data.get('date', '?')} on {m.get('cores', '?')} cores of "
         f"{m.get('cpu', '?')}, {m.get('memory_bytes', 0) / 2**30:.0f} GiB, kernel "
-        f"{m.get('kernel', '?')}, {m.get('containerd', '')}; registry behind tc tbf + "
-        f"{data.get('latency_s', 0) * 1000:.0f} ms per request."
+        f"{m.get('kernel', '?')}; pysoci {m.get('pysoci_commit', '?')[:12]} on "
+        f"{m.get('containerd', '')}"
     )
-    return (
-        "\n\n".join([head, images_table(data), table(rows), "Targets:", targets(data, rows)]) + "\n"
-    )
+    if "soci" in m:
+        head += f"; {m['soci']} on {m.get('containerd_soci', '')}"
+    head += f"; registry behind tc tbf + {data.get('latency_s', 0) * 1000:.0f} ms per request."
+    if "elapsed_s" in data:
+        head += f" The run took {data['elapsed_s'] / 60:.0f} min."
+    loads = [r["extra"].get("loadavg_before", 0.0) for r in data["runs"] if r.get("extra")]
+    if loads:
+        head += (
+            f" Load average before the cold runs: median {_med(loads):.1f}, max {max(loads):.1f}."
+        )
+    parts = [
+        head,
+        images_table(data),
+        table(rows),
+        "Snapshotter daemons from the pull to the container's exit (pysoci: `pysoci serve` and "
+        "every process it spawned; soci: soci-snapshotter-grpc), medians:",
+        daemon_table(rows),
+        "Targets (issue 13):",
+        targets(rows),
+    ]
+    return "\n\n".join(parts) + "\n"
 
 
 def write(data: dict[str, Any], out: Path, *, publish: bool = False) -> None:
     rows = summarize(data)
     md = markdown(data, rows)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "startup.md").write_text(md)
     png = out / "startup.png"
     try:
@@ -230,6 +301,7 @@ def write(data: dict[str, Any], out: Path, *, publish: bool = False) -> None:
     if publish:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "startup.md").write_text(md)
+        (RESULTS / "startup.json").write_text(json.dumps(data, indent=1))
         if png.exists():
             shutil.copy(png, RESULTS / "startup.png")
 

@@ -1,34 +1,52 @@
-"""Time to ready: containerd's overlayfs (full pull, then run) vs pysoci (lazy pull, then run).
+"""Time to ready: containerd's overlayfs, pysoci and the real soci, side by side, cold.
 
 Run as root: `python -m bench.startup` (`make bench`). Images come from bench/images.py (built
 locally, cached in /var/cache/pysoci-bench); the registry runs in a network namespace behind a
 veth shaped with tc tbf and a proxy adding 10 ms per request and counting bytes (bench/netns.py).
 
-For every network rate × image, cold runs alternate between the modes (the mode that goes first
-alternates too). A cold run starts a fresh containerd (empty root and state) and a fresh
-`pysoci serve` (empty root), drops the page cache, then times from the start of the pull to the
-first output line of the container that says it is ready:
+For every network rate × image, cold runs rotate through the modes (the mode that goes first
+rotates too). A cold run starts a fresh node — a fresh containerd (empty root and state) and a
+fresh snapshotter daemon (empty root) — drops the page cache, then times from the start of
+the pull to the first output line of the container that says it is ready:
 
-- `overlayfs`: `ctr image pull --plain-http REF:plain`, then `ctr run REF:plain`;
-- `pysoci`:    `ctr-remote image rpull --plain-http --snapshotter soci REF:soci`, then
-               `ctr run --snapshotter soci REF:soci` (pysoci with its default configuration).
+- `overlayfs`:     containerd 1.6's own snapshotter: `ctr image pull --plain-http REF:plain`,
+                   then `ctr run REF:plain`;
+- `pysoci`:        `ctr-remote image rpull --plain-http --snapshotter soci REF:soci` (the image
+                   indexed by `pysoci convert`), then `ctr run --snapshotter soci REF:soci`
+                   (containerd 1.6, pysoci with its default configuration);
+- `soci`:          the real soci-snapshotter-grpc v0.16.1 with containerd v1.7.35 (both built
+                   from the Go module proxy by scripts/go-tools.sh):
+                   `nerdctl --snapshotter soci pull REF:soci-v2` (the image indexed by the real
+                   `soci convert`, a SOCI v2 index, what a soci v0.16 node finds by default),
+                   then `ctr run --snapshotter soci` (containerd 1.7's ctr); soci's defaults,
+                   plus a resolver mirror entry saying the registry speaks plain HTTP;
+- `soci+prefetch`: the same on `REF:soci-v2-prefetch`, converted with `soci convert
+                   --prefetch-files-json` from the files the workload reads (bench/filelist.py)
+                   and soci's `[prefetch] enable = true` (off by default in v0.16).
+
+(`pysoci+prefetch` — a second cold node after the first node's recorded start was published
+with `pysoci prefetch push` — is added once that command exists: a per-image `prepare` step
+beside `soci_convert`, and one more `MODE_SPECS` entry.)
 
 Bytes are the proxy's count of response-body bytes served: `at ready` when the ready line
-appeared, `total` when the container has exited (postgres: stopped) — for pysoci that is NOT the
-whole image: its background fetcher starts after 30 s of quiet, which no run here reaches.
-After each cold run the same image is run once more on the same containerd (`warm`: everything
+appeared, `total` when the container has exited (postgres: stopped) — for the lazy modes that
+is NOT the whole image: both daemons' background fetchers wait 30 s of quiet, which no run
+here reaches. The daemon (pysoci serve and every process it spawned; soci-snapshotter-grpc) is
+sampled from the pull to the container's exit (bench/usage.py): CPU seconds and peak RSS.
+After each cold run the same image is run once more on the same node (`warm`: everything
 local and in the page cache).
 
 Once per image, `bytes read` = the compressed bytes of the spans the workload touched: a pysoci
 run with background fetching off and no read-ahead, summing the layers' `fetchedSize`. The
 physical limit of a mode = bytes it must move / link rate + its warm time (overlayfs: the whole
-compressed image; pysoci: the bytes read).
+compressed image; the lazy modes: the bytes read).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -43,9 +61,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import images
+from bench import filelist, images, ocipush, usage
 from bench.netns import ShapedRegistry
-from tests.fixtures.containerd import Containerd, Pysoci, start_containerd
+from bench.nodes import SOCI_VERSION, Node, PysociNode, SociNode, cleanup_dir, go_tools
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -53,8 +71,42 @@ RESULTS = HERE / "results"
 WORK = Path(os.environ.get("PYSOCI_BENCH_WORK", "/var/tmp/pysoci-bench"))
 PYSOCI = str(Path(sys.executable).with_name("pysoci"))
 NETWORKS = {"1gbit": 1_000_000_000, "200mbit": 200_000_000}
-MODES = ("overlayfs", "pysoci")
 READY_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    node: str
+    """`pysoci`: containerd 1.6 + pysoci serve; `soci`: containerd 1.7 + soci-snapshotter-grpc."""
+    tag: str
+    """The tag pulled (bench.startup.publish pushes or converts it)."""
+    lazy: bool
+    """Pulled and run with the `soci` proxy snapshotter (else containerd's overlayfs)."""
+    prefetch: bool = False
+
+
+MODE_SPECS = {
+    m.name: m
+    for m in (
+        Mode("overlayfs", "pysoci", "plain", False),
+        Mode("pysoci", "pysoci", "soci", True),
+        Mode("soci", "soci", "soci-v2", True),
+        Mode("soci+prefetch", "soci", "soci-v2-prefetch", True, prefetch=True),
+    )
+}
+MODES = tuple(MODE_SPECS)
+
+
+@dataclass(frozen=True)
+class ImageDefaults:
+    networks: tuple[str, ...] = tuple(NETWORKS)
+    runs: int = 5
+
+
+# The seeds' scale costs minutes per overlayfs run: 3 runs at 1 Gbit/s are enough for it.
+IMAGE_DEFAULTS = {"ml-large": ImageDefaults(networks=("1gbit",), runs=3)}
+IMAGES = ("python", "ml", "postgres", "ml-large")
 
 
 def log(msg: str) -> None:
@@ -66,8 +118,8 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def run(*args: str, timeout: float = 900) -> str:
-    res = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+def run(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> str:
+    res = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:5])}... exited {res.returncode}: {res.stderr[-2000:]}")
     return res.stdout
@@ -82,6 +134,9 @@ class Image:
     repo: str
     """`HOST/NAME` on the pull side (through the proxy)."""
     layers: list[images.LayerFile]
+    manifest: str = ""
+    files: list[str] = field(default_factory=list)
+    """What the workload reads before ready (prefetch modes only; bench/filelist.py)."""
 
     @property
     def compressed(self) -> int:
@@ -92,28 +147,78 @@ class Image:
         return sum(layer.tar_size for layer in self.layers)
 
 
-def publish(reg: ShapedRegistry, names: list[str]) -> dict[str, Image]:
-    """Push every image (`:plain`) and its SOCI conversion (`:soci`) unless already there."""
+def publish(
+    reg: ShapedRegistry, names: list[str], modes: tuple[str, ...] = ("overlayfs", "pysoci")
+) -> dict[str, Image]:
+    """Push every image (`:plain`) and its conversions the modes pull, unless already there:
+    `:soci` (`pysoci convert`), `:soci-v2` and `:soci-v2-prefetch` (the real `soci convert`)."""
     layout = images.CACHE / "layout"
     marker_path = reg.workdir / "published.json"
     marker: dict[str, str] = json.loads(marker_path.read_text()) if marker_path.exists() else {}
+    tags = {MODE_SPECS[m].tag for m in modes}
     out = {}
     for name in names:
         desc, layers = images.write_layout(layout, name)
+        image = Image(name, f"{reg.pull_host}/{name}", layers, desc.digest)
+        dst = f"{reg.push_host}/{name}"
         if marker.get(name) != desc.digest:
-            log(f"push {name} and convert it")
-            dst = f"{reg.push_host}/{name}"
+            log(f"push {name} and convert it with pysoci")
             run("skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:{name}",
-                f"docker://{dst}:plain", timeout=1800)  # fmt: skip
+                f"docker://{dst}:plain", timeout=3600)  # fmt: skip
             build = WORK / "convert"
             shutil.rmtree(build, ignore_errors=True)
             run(PYSOCI, "convert", f"{dst}:plain", f"{dst}:soci", "--plain-http", "--root",
-                str(build), "-q", timeout=1800)  # fmt: skip
+                str(build), "-q", timeout=3600)  # fmt: skip
             shutil.rmtree(build, ignore_errors=True)
             marker[name] = desc.digest
             marker_path.write_text(json.dumps(marker, indent=1))
-        out[name] = Image(name, f"{reg.pull_host}/{name}", layers)
+        if any(MODE_SPECS[m].prefetch for m in modes):
+            image.files = filelist.workload_files(name, layers, desc.digest, WORK)
+        for tag, files in (("soci-v2", None), ("soci-v2-prefetch", image.files)):
+            if tag not in tags:
+                continue
+            key = f"{desc.digest} soci {SOCI_VERSION}"
+            if files is not None:
+                key += " files " + hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+            if marker.get(f"{name}:{tag}") != key:
+                log(f"{name}: soci convert → :{tag}" + (f" ({len(files)} files)" if files else ""))
+                soci_convert(reg, name, desc, tag, files)
+                marker[f"{name}:{tag}"] = key
+                marker_path.write_text(json.dumps(marker, indent=1))
+        out[name] = image
     return out
+
+
+def soci_convert(
+    reg: ShapedRegistry, name: str, desc: Any, tag: str, files: list[str] | None
+) -> None:
+    """`soci convert --standalone` of the image (soci's defaults: 4 MiB spans, layers from
+    10 MiB), pushed as `NAME:TAG` (a SOCI v2 image: an index of the image and its SOCI index)."""
+    soci_bin, _ = go_tools()
+    work = WORK / "soci-convert"
+    shutil.rmtree(work, ignore_errors=True)
+    src, dst, tmp = work / "in", work / "out", work / "tmp"
+    tmp.mkdir(parents=True)
+    src_layout = images.CACHE / "layout"
+    blobs = [desc.digest]
+    manifest = json.loads((src_layout / "blobs" / "sha256" / desc.digest[7:]).read_text())
+    blobs += [manifest["config"]["digest"], *(la["digest"] for la in manifest["layers"])]
+    for digest in blobs:
+        target = src / "blobs" / "sha256" / digest[7:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src_layout / "blobs" / "sha256" / digest[7:], target)
+    (src / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (src / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size}]}))  # fmt: skip
+    cmd = [str(soci_bin / "soci"), "convert", "--standalone", "--format", "oci-dir"]
+    if files is not None:
+        (work / "prefetch.json").write_text(json.dumps(files))
+        cmd += ["--prefetch-files-json", str(work / "prefetch.json")]
+    try:
+        run(*cmd, str(src), str(dst), timeout=3600, env={**os.environ, "TMPDIR": str(tmp)})
+        ocipush.push_layout(dst, reg.push_host, name, tag)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- one run ------------------------------------------------------------------------------------
@@ -133,86 +238,31 @@ class RunResult:
     fetched_at_ready: int = 0
     """pysoci: the layers' fetchedSize sum at ready."""
     warm_s: float = 0.0
+    daemon_cpu_s: float = 0.0
+    """The snapshotter daemon's process tree, pull start → container exit."""
+    daemon_cpu_ready_s: float = 0.0
+    """The same, pull start → ready."""
+    daemon_rss_peak: int = 0
+    daemon_procs: int = 0
+    containerd_cpu_s: float = 0.0
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Rig:
-    """A fresh pysoci + containerd under one work directory (torn down by `close`)."""
-
-    def __init__(self, reg: ShapedRegistry, wd: Path, pysoci_config: str) -> None:
-        self.wd = wd
-        cleanup_dir(wd)
-        wd.mkdir(parents=True)
-        certs = wd / "certs.d" / reg.pull_host
-        certs.mkdir(parents=True)
-        (certs / "hosts.toml").write_text(f'server = "http://{reg.pull_host}"\n')
-        config = wd / "pysoci.toml"
-        config.write_text(f'[registry]\nconfig_path = "{wd / "certs.d"}"\n{pysoci_config}')
-        self.pysoci = Pysoci(wd / "pysoci", wd / "pysoci.sock", wd / "pysoci.log", config)
-        self.cd: Containerd | None = None
-        self.pysoci.start()
-        self.cd = start_containerd(wd / "cd", wd / "pysoci.sock")
-
-    def fetched(self) -> int:
-        total = 0
-        for p in (self.pysoci.root / "fuse" / ".status").glob("*.json"):
-            with contextlib.suppress(OSError, ValueError):
-                total += int(json.loads(p.read_text())["fetchedSize"])
-        return total
-
-    def check_lazy(self) -> None:
-        """A pysoci run that served no layer lazily measures nothing: fail it, keep the log."""
-        lazy = list((self.pysoci.root / "fuse" / ".status").glob("*.json"))
-        if lazy:
-            return
-        OUT.mkdir(parents=True, exist_ok=True)
-        kept = OUT / f"pysoci-not-lazy-{time.strftime('%H%M%S')}.log"
-        shutil.copyfile(self.pysoci.log, kept)
-        raise RuntimeError(f"pysoci served no layer lazily (its log: {kept})")
-
-    def close(self) -> None:
-        try:
-            if self.cd is not None:
-                self.cd.stop()
-        finally:
-            try:
-                self.pysoci.stop_all()
-            finally:
-                cleanup_dir(self.wd)
-
-
-def cleanup_dir(wd: Path) -> None:
-    """Unmount everything under `wd` (deepest first), then remove it. runc keeps container
-    state outside it, by container id: what a killed run left of ours goes too."""
-    for cid in ("cold", "warm"):
-        subprocess.run(
-            ["runc", "--root", "/run/containerd/runc/default", "delete", "-f", cid],
-            capture_output=True,
-            check=False,
-        )
-    prefix = str(wd) + "/"
-    for _ in range(5):
-        mounts = []
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                point = line.split()[4].replace("\\040", " ")
-                if point.startswith(prefix) or point == str(wd):
-                    mounts.append(point)
-        if not mounts:
-            break
-        for point in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-    shutil.rmtree(wd, ignore_errors=True)
+def make_node(mode: Mode, reg: ShapedRegistry, pysoci_config: str = "") -> Node:
+    wd = WORK / "run"
+    if mode.node == "soci":
+        return SociNode(wd, reg.pull_host, prefetch=mode.prefetch)
+    return PysociNode(wd, reg.pull_host, pysoci_config)
 
 
 class Container:
     """`ctr run` of one workload, its output watched for the ready line."""
 
-    def __init__(self, cd: Containerd, ref: str, cid: str, mode: str, wl: images.Workload):
-        self.cd, self.cid, self.wl = cd, cid, wl
-        cmd = ["ctr", "--address", str(cd.address), "run", "--rm"]
-        if mode == "pysoci":
+    def __init__(self, node: Node, ref: str, cid: str, lazy: bool, wl: images.Workload):
+        self.node, self.cid, self.wl = node, cid, wl
+        cmd = [node.ctr_bin, "--address", str(node.address), "run", "--rm"]
+        if lazy:
             cmd += ["--snapshotter", "soci"]
         cmd += [ref, cid, *wl.args]
         self.proc = subprocess.Popen(
@@ -252,7 +302,7 @@ class Container:
     def finish(self, timeout: float = 120) -> None:
         """Let it exit (or stop it), bounded."""
         if not self.wl.exits:
-            self.cd.ctr("task", "kill", "-s", "SIGTERM", self.cid, check=False, timeout=30)
+            self.node.ctr("task", "kill", "-s", "SIGTERM", self.cid, check=False, timeout=30)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -263,7 +313,7 @@ class Container:
         """SIGKILL the task through containerd; kill `ctr run` itself if that does not end it."""
         if self.proc.poll() is None:
             with contextlib.suppress(Exception):
-                self.cd.ctr("task", "kill", "-s", "SIGKILL", self.cid, check=False, timeout=30)
+                self.node.ctr("task", "kill", "-s", "SIGKILL", self.cid, check=False, timeout=30)
             try:
                 self.proc.wait(wait)
             except subprocess.TimeoutExpired:
@@ -271,21 +321,9 @@ class Container:
                 self.proc.wait()
 
 
-def pull(cd: Containerd, mode: str, image: Image) -> str:
-    if mode == "overlayfs":
-        ref = f"{image.repo}:plain"
-        cd.ctr("image", "pull", "--plain-http", ref, timeout=READY_TIMEOUT)
-    else:
-        ref = f"{image.repo}:soci"
-        cd.ctr_remote(
-            "image", "rpull", "--plain-http", "--snapshotter", "soci", ref, timeout=READY_TIMEOUT
-        )
-    return ref
-
-
-def start_and_wait(cd: Containerd, ref: str, cid: str, mode: str, wl: images.Workload) -> float:
+def start_and_wait(node: Node, ref: str, cid: str, lazy: bool, wl: images.Workload) -> float:
     """Run the container to its ready line; the perf_counter stamp of that line."""
-    c = Container(cd, ref, cid, mode, wl)
+    c = Container(node, ref, cid, lazy, wl)
     try:
         stamp = c.wait_ready()
         c.finish()
@@ -305,28 +343,33 @@ def cold_run(
     profile: Path | None = None,
 ) -> RunResult:
     """One cold run (and a warm one after it); `profile`: py-spy pysoci serve up to ready."""
+    spec = MODE_SPECS[mode]
     wl = images.WORKLOADS[image.name]
-    rig = Rig(reg, WORK / "run", pysoci_config)
+    node = make_node(spec, reg, pysoci_config)
     spy: subprocess.Popen[bytes] | None = None
+    mon: usage.Monitor | None = None
     try:
-        assert rig.cd is not None and rig.pysoci.proc is not None
         drop_caches()
         res.extra["loadavg_before"] = os.getloadavg()[0]
         if profile is not None:
-            spy = start_py_spy(rig.pysoci.proc.pid, profile)
+            spy = start_py_spy(node.daemon_pids()[0], profile)
+        cd_cpu0 = usage.cpu_seconds(node.containerd_pid())
+        mon = usage.Monitor(node.daemon_pids())
         b0, r0 = reg.bytes_served(), reg.requests()
         t0 = time.perf_counter()
-        ref = pull(rig.cd, mode, image)
+        ref = f"{image.repo}:{spec.tag}"
+        node.pull(ref, spec.lazy, READY_TIMEOUT)
         res.pull_s = time.perf_counter() - t0
-        c = Container(rig.cd, ref, "cold", mode, wl)
+        c = Container(node, ref, "cold", spec.lazy, wl)
         try:
             stamp = c.wait_ready()
             res.bytes_at_ready = reg.bytes_served() - b0
             res.requests_at_ready = reg.requests() - r0
             res.ready_s = stamp - t0
-            if mode == "pysoci":
-                res.fetched_at_ready = rig.fetched()
-                rig.check_lazy()
+            mon.mark("ready")
+            if spec.lazy:
+                res.fetched_at_ready = node.fetched()
+                node.check_lazy(OUT)
             if spy is not None:
                 stop_py_spy(spy)
                 spy = None
@@ -335,15 +378,22 @@ def cold_run(
             c.kill()
         time.sleep(0.5)
         res.bytes_total = reg.bytes_served() - b0
+        u = mon.stop()
+        mon = None
+        res.daemon_cpu_s, res.daemon_cpu_ready_s = u.cpu_s, u.marks.get("ready", 0.0)
+        res.daemon_rss_peak, res.daemon_procs = u.rss_peak, u.procs
+        res.containerd_cpu_s = usage.cpu_seconds(node.containerd_pid()) - cd_cpu0
         res.extra["ready_line"] = next((x for x in c.output if wl.is_ready(x)), "")
         if warm:
             t1 = time.perf_counter()
-            res.warm_s = start_and_wait(rig.cd, ref, "warm", mode, wl) - t1
+            res.warm_s = start_and_wait(node, ref, "warm", spec.lazy, wl) - t1
         return res
     finally:
+        if mon is not None:
+            mon.stop()
         if spy is not None:
             stop_py_spy(spy)
-        rig.close()
+        node.close()
 
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -351,7 +401,7 @@ def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     spy = str(Path(sys.executable).with_name("py-spy"))
     proc = subprocess.Popen(
         [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--idle",
-         "--nonblocking", "--threads", "--output", str(out)],
+         "--nonblocking", "--threads", "--subprocesses", "--output", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -380,7 +430,7 @@ def measure_read(reg: ShapedRegistry, image: Image, network: str) -> RunResult:
 # --- the whole benchmark ------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
+def machine(modes: tuple[str, ...]) -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -390,7 +440,7 @@ def machine() -> dict[str, Any]:
     mem = 0
     with contextlib.suppress(OSError):
         mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    return {
+    out = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_bytes": mem,
@@ -400,6 +450,11 @@ def machine() -> dict[str, Any]:
         "pysoci_commit": git("rev-parse", "HEAD"),
         "pysoci_dirty_files": len(git("status", "--porcelain", "snapshotter").splitlines()),
     }
+    if any(MODE_SPECS[m].node == "soci" for m in modes):
+        soci_bin, cd_bin = go_tools()
+        out["soci"] = run(str(soci_bin / "soci"), "--version").strip()
+        out["containerd_soci"] = run(str(cd_bin / "containerd"), "--version").strip()
+    return out
 
 
 def git(*args: str) -> str:
@@ -415,12 +470,27 @@ def save(data: dict[str, Any], out: Path) -> None:
     tmp.rename(out / "startup.json")
 
 
+def _csv(text: str, known: tuple[str, ...] | dict[str, Any], what: str) -> list[str]:
+    items = [x for x in text.split(",") if x]
+    bad = [x for x in items if x not in known]
+    if bad:
+        raise SystemExit(f"unknown {what}: {', '.join(bad)} (known: {', '.join(known)})")
+    return items
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", default="python,ml,postgres")
-    parser.add_argument("--networks", default=",".join(NETWORKS))
-    parser.add_argument("--runs", type=int, default=5, help="cold runs per mode")
+    parser.add_argument("--images", default=",".join(IMAGES), help="comma-separated")
+    parser.add_argument("--networks", default=",".join(NETWORKS),
+                        help="comma-separated; an image runs on those of its defaults listed "
+                        "(ml-large: 1gbit only) unless --all-networks")  # fmt: skip
+    parser.add_argument("--all-networks", action="store_true")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="cold runs per mode (default: 5; ml-large: 3)")  # fmt: skip
     parser.add_argument("--latency", type=float, default=0.010, help="seconds per request")
+    parser.add_argument("--no-read", action="store_true",
+                        help="skip the bytes-read measurement (no physical limit)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--resume", action="store_true", help="keep runs in OUT/startup.json")
     parser.add_argument("--publish", action="store_true", help="copy table and chart to results/")
@@ -428,29 +498,34 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.startup needs root (network namespaces, mounts, containerd)", file=sys.stderr)
         return 2
-    names = [n for n in args.images.split(",") if n]
-    networks = [n for n in args.networks.split(",") if n]
+    names = _csv(args.images, images.WORKLOADS, "images")
+    networks = _csv(args.networks, NETWORKS, "networks")
+    modes = tuple(_csv(args.modes, MODE_SPECS, "modes"))
     data: dict[str, Any] = {"runs": [], "read": {}}
     if args.resume and (args.out / "startup.json").exists():
         data = json.loads((args.out / "startup.json").read_text())
+    started = time.monotonic()
     data.update(
         {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": machine(),
+            "machine": machine(modes),
             "latency_s": args.latency,
             "networks": {n: NETWORKS[n] for n in networks},
+            "modes": list(modes),
         }
     )
     done = {(r["image"], r["network"], r["mode"], r["index"]) for r in data["runs"]}
     reg = ShapedRegistry(images.CACHE / "registry")
     try:
         reg.open()
-        imgs = publish(reg, names)
+        imgs = publish(reg, names, modes)
         data["images"] = {
             n: {
                 "compressed": i.compressed,
                 "uncompressed": i.uncompressed,
+                "manifest": i.manifest,
                 "layers": [asdict(layer) | {"blob": str(layer.blob)} for layer in i.layers],
+                "prefetch_files": len(i.files),
             }
             for n, i in imgs.items()
         }
@@ -458,17 +533,21 @@ def main(argv: list[str] | None = None) -> int:
         for network in networks:
             reg.shape(NETWORKS[network])
             for name in names:
+                defaults = IMAGE_DEFAULTS.get(name, ImageDefaults())
+                if network not in defaults.networks and not args.all_networks:
+                    continue
                 image = imgs[name]
-                if name not in data["read"]:
+                if name not in data["read"] and not args.no_read:
                     log(f"{network} {name}: bytes read (no background, no read-ahead)")
                     try:
                         data["read"][name] = asdict(measure_read(reg, image, network))
                     except Exception:
                         log(traceback.format_exc())
                     save(data, args.out)
-                for i in range(args.runs):
-                    order = MODES if i % 2 == 0 else MODES[::-1]
-                    for mode in order:
+                runs = args.runs if args.runs is not None else defaults.runs
+                for i in range(runs):
+                    k = i % len(modes)
+                    for mode in modes[k:] + modes[:k]:
                         if (name, network, mode, i) in done:
                             continue
                         res = RunResult(name, network, mode, i)
@@ -481,13 +560,17 @@ def main(argv: list[str] | None = None) -> int:
                             f"{network} {name} {mode} #{i}: ready {res.ready_s:.2f} s "
                             f"(pull {res.pull_s:.2f}), {res.bytes_at_ready / 1e6:.1f} MB at "
                             f"ready, {res.bytes_total / 1e6:.1f} MB total, warm "
-                            f"{res.warm_s:.2f} s {res.error[:200]}"
+                            f"{res.warm_s:.2f} s, daemon {res.daemon_cpu_s:.2f} CPU s "
+                            f"{res.daemon_rss_peak / 2**20:.0f} MiB peak "
+                            f"(load {res.extra.get('loadavg_before', 0):.1f}) {res.error[:200]}"
                         )
                         data["runs"].append(asdict(res))
                         save(data, args.out)
     finally:
         reg.close()
         cleanup_dir(WORK / "run")
+    data["elapsed_s"] = data.get("elapsed_s", 0) + time.monotonic() - started
+    save(data, args.out)
     from bench import report
 
     report.write(data, args.out, publish=args.publish)
