@@ -2,11 +2,12 @@
 
 Neither snapshotter is involved: the image's layers are unpacked (in order) into a scratch root
 and the workload runs there under `strace -f -y` (chroot, the image's environment, /proc, /dev
-and /sys from the host, as a container sees them). A file counts when the workload opened it
-for reading (not O_TRUNC, not write-only) before the ready line appeared, it is a regular file
-of the image (one of the layers' tar members), and the path is the one the kernel resolved
-(`-y` prints the opened fd's path, so symlinks and relative paths after `chdir` are followed);
-executables run with `execve` count too. The list keeps the order of the first open.
+and /sys from the host, as a container sees them; only what happens after the chroot counts).
+A file counts when the workload opened it for reading (not O_TRUNC, not write-only) before the
+ready line appeared, it is a regular file of the image (there after unpacking, before the
+workload ran), and the path is the one the kernel resolved (`-y` prints the opened fd's path,
+so symlinks and relative paths after `chdir` are followed); executables run with `execve`
+count too. The list keeps the order of the first open.
 
 The same list feeds `soci convert --prefetch-files-json` (mode `soci+prefetch`) and, once pysoci
 accepts soci's inputs, `pysoci convert --prefetch-from`. It is cached in
@@ -40,20 +41,24 @@ EXCLUDED = ("/proc/", "/sys/", "/dev/")
 _OPEN = re.compile(
     r"^(?P<pid>\d+) +(?P<ts>\d+\.\d+) +open(?:at2?)?\((?P<args>.*)\) += (?P<fd>\d+)<(?P<path>.*)>$"
 )
+_CHROOT = re.compile(r"^\d+ +\d+\.\d+ +chroot\(")
 _EXEC = re.compile(r'^(?P<pid>\d+) +(?P<ts>\d+\.\d+) +execve\("(?P<path>(?:[^"\\]|\\.)*)", .* = 0$')
-_UNESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|[0-7]{1,3}|.)")
+_UNESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[0-7]{1,3}|.)")
+_ESCAPES = {b"n": b"\n", b"t": b"\t", b"r": b"\r", b"v": b"\v", b"f": b"\f"}
 
 
 def _unescape(s: str) -> str:
-    def one(m: re.Match[str]) -> str:
-        e = m.group(1)
-        if e[0] == "x":
-            return chr(int(e[1:], 16))
-        if e[0].isdigit():
-            return chr(int(e, 8))
-        return {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}.get(e, e)
+    """strace's C-style escapes (non-ASCII bytes as octal) back to the file name."""
 
-    return _UNESCAPE.sub(one, s)
+    def one(m: re.Match[bytes]) -> bytes:
+        e = m.group(1)
+        if e[:1] == b"x":
+            return bytes([int(e[1:], 16)])
+        if e[:1].isdigit():
+            return bytes([int(e, 8)])
+        return _ESCAPES.get(e, e)
+
+    return os.fsdecode(_UNESCAPE.sub(one, os.fsencode(s)))
 
 
 def cache_path(name: str, manifest_digest: str) -> Path:
@@ -86,29 +91,26 @@ def workload_files(
 
 
 def unpack(layers: list[images.LayerFile], root: Path) -> set[str]:
-    """Unpack the layers in order; the absolute paths of their regular files (as members)."""
-    members: set[str] = set()
+    """Unpack the layers in order; the absolute paths of the image's regular files (walked
+    before the workload runs, so what it creates does not count)."""
     for layer in layers:
         with subprocess.Popen(["pigz", "-dc", str(layer.blob)], stdout=subprocess.PIPE) as unz:
             res = subprocess.run(
-                ["tar", "-x", "-v", "--numeric-owner", "--same-owner", "-p", "-C", str(root)],
+                ["tar", "-x", "--numeric-owner", "--same-owner", "-p", "-C", str(root)],
                 stdin=unz.stdout,
                 capture_output=True,
-                text=True,
                 check=False,
             )
         if res.returncode != 0 or unz.returncode != 0:
-            raise RuntimeError(f"unpacking {layer.blob} failed: {res.stderr[-2000:]}")
-        for line in res.stdout.splitlines():
-            members.add("/" + line.removeprefix("./").rstrip("/"))
-    return {m for m in members if stat.S_ISREG(_lstat_mode(root, m))}
-
-
-def _lstat_mode(root: Path, member: str) -> int:
-    try:
-        return os.lstat(str(root) + member).st_mode
-    except OSError:
-        return 0
+            raise RuntimeError(f"unpacking {layer.blob} failed: {res.stderr[-2000:]!r}")
+    members: set[str] = set()
+    prefix = len(str(root))
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                members.add(path[prefix:])
+    return members
 
 
 @contextlib.contextmanager
@@ -134,10 +136,11 @@ def trace(name: str, root: Path, log: Path) -> tuple[Path, float]:
     """Run the workload under strace until its ready line; the log and the ready time."""
     wl = images.WORKLOADS[name]
     cmd = ["strace", "-f", "-qq", "-ttt", "-y", "-s", "4096", "-o", str(log),
-           "-e", "trace=execve,open,openat,openat2", "-e", "status=successful",
-           "chroot", str(root), "/usr/bin/env", "-i", *ENV, *wl.args]  # fmt: skip
+           "-e", "trace=chroot,execve,open,openat,openat2", "-e", "status=successful",
+           "chroot", str(root), *wl.args]  # fmt: skip
     proc = subprocess.Popen(
         cmd,
+        env=dict(e.split("=", 1) for e in ENV),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -177,9 +180,15 @@ def trace(name: str, root: Path, log: Path) -> tuple[Path, float]:
 
 
 def parse(text: str, ready_at: float, root: str, members: set[str]) -> list[str]:
-    """The image files opened for reading (or executed) up to `ready_at`, first-open order."""
+    """The image files opened for reading (or executed) after the chroot and up to
+    `ready_at`, in first-open order (what the host's `chroot` binary opens before does not
+    count)."""
     seen: dict[str, None] = {}
-    for line in text.splitlines():
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if _CHROOT.match(line)), None)
+    if start is None:
+        raise RuntimeError("no chroot in the strace log")
+    for line in lines[start + 1 :]:
         m = _OPEN.match(line)
         if m is not None:
             args = m.group("args")

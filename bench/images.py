@@ -19,8 +19,9 @@
   accept connections".
 
 Every layer is a single-stream gzip (`pigz -6 -n`, as `docker push` would make it, not pigz's
-independent blocks). A layer's tar and blob are cached under their diff_id; a change of the
-recipe (the pip requirement list, the debootstrap package list) changes the directory name.
+independent blocks) of a tar named as docker names it (`usr/bin/x`, no `./`, no root entry).
+A layer's tar and blob are cached under their diff_id; a change of the recipe (the pip
+requirement list, the debootstrap package list) changes the directory name.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from snapshotter.content.layout import OciLayout
 from snapshotter.soci import oci
-from tests.fixtures.debootstrap import MIRROR, rootfs_tar
+from tests.fixtures.debootstrap import MIRROR, debian_rootfs
 
 CACHE = Path(os.environ.get("PYSOCI_BENCH_CACHE", "/var/cache/pysoci-bench"))
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -288,26 +289,20 @@ class LayerFile:
     tar_size: int
 
 
-def tar_tree(tree: Path, out: Path) -> None:
+def tar_tree(tree: Path, out: Path, *, reproducible: bool = False) -> None:
+    """A POSIX tar of `tree` whose member names are as docker and buildkit write them
+    (`usr/bin/x`: no `./` prefix, no entry for the root; soci's `--prefetch-files` finds no
+    file in a layer named the other way). `reproducible`: owners 0/0 and no atime/ctime
+    records, so the tar depends only on the tree's content and mtimes."""
     tmp = out.with_name(out.name + ".tmp")
+    cmd = ["tar", "--format=posix", "--xattrs", "--numeric-owner", "--sort=name"]
+    if reproducible:
+        cmd += ["--pax-option=delete=atime,delete=ctime", "--owner=0", "--group=0"]
     subprocess.run(
-        ["tar", "--format=posix", "--xattrs", "--numeric-owner", "--sort=name",
-         "-C", str(tree), "-cf", str(tmp), "."],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    tmp.rename(out)
-
-
-def reproducible_tar(tree: Path, out: Path) -> None:
-    """A tar of `tree` that depends only on its content (names sorted, owners numeric, no
-    atime/ctime records)."""
-    tmp = out.with_name(out.name + ".tmp")
-    subprocess.run(
-        ["tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--xattrs",
-         "--numeric-owner", "--owner=0", "--group=0", "--sort=name", "-C", str(tree),
-         "-cf", str(tmp), "."],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [*cmd, "-C", str(tree), "-cf", str(tmp), "--", *sorted(os.listdir(tree))],
+        check=True,
+        capture_output=True,
+    )
     tmp.rename(out)
 
 
@@ -358,14 +353,18 @@ def recipe_layer(name: str, recipe: list[str], build: Callable[[Path], None]) ->
         if blob.exists():
             return LayerFile(blob, m["digest"], m["size"], m["diff_id"], m["tar_size"])
     tree = CACHE / f"{key}-tree"
+    built = tree.with_name(tree.name + ".done")
     tar = CACHE / f"{key}.tar"
     if not tar.exists():
-        shutil.rmtree(tree, ignore_errors=True)
-        tree.mkdir(parents=True)
-        build(tree)
+        if not built.exists():
+            shutil.rmtree(tree, ignore_errors=True)
+            tree.mkdir(parents=True)
+            build(tree)
+            built.touch()
         log(f"tar {tree}")
-        reproducible_tar(tree, tar)
+        tar_tree(tree, tar, reproducible=True)
     shutil.rmtree(tree, ignore_errors=True)
+    built.unlink(missing_ok=True)
     log(f"gzip {tar} ({tar.stat().st_size / 1e9:.1f} GB)")
     layer = gzip_layer(tar)
     marker.write_text(json.dumps({"diff_id": layer.diff_id, "digest": layer.digest,
@@ -374,8 +373,13 @@ def recipe_layer(name: str, recipe: list[str], build: Callable[[Path], None]) ->
     return layer
 
 
+def base_layer() -> LayerFile:
+    """The debootstrap rootfs (tests/fixtures/debootstrap.py) as one layer."""
+    return tree_layer(debian_rootfs(), "base-rootfs")
+
+
 def image_layers(name: str) -> list[LayerFile]:
-    base = gzip_layer(rootfs_tar())
+    base = base_layer()
     if name == "python":
         return [base]
     if name == "ml":

@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.fixtures.fault_proxy import FaultProxy
+from tests.fixtures.fault_proxy import FaultProxy, RequestRecord
 
 NS = "psbench"
 HOST_IF = "psb-h"
@@ -182,6 +182,11 @@ class ShapedRegistry:
     def requests(self) -> int:
         assert self.proxy is not None
         return self.proxy.stats.requests
+
+    def log_since(self, t: float) -> list[RequestRecord]:
+        """The requests the proxy finished that started at or after `t` (time.monotonic)."""
+        assert self.proxy is not None
+        return [r for r in self.proxy.stats.log if r.started >= t]
 
     def close(self) -> None:
         if self.proxy is not None:

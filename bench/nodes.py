@@ -4,7 +4,8 @@
   (modes `overlayfs` — containerd's own snapshotter, pysoci idle — and `pysoci`).
 - `SociNode`: containerd v1.7.35 with the real soci-snapshotter-grpc v0.16.1 as its `soci`
   proxy snapshotter (modes `soci`, `soci+prefetch`), both built from the Go module proxy by
-  scripts/go-tools.sh. Images are pulled with nerdctl, as soci's getting-started guide does.
+  scripts/go-tools.sh (paths: tests/fixtures/gotools.py). Images are pulled with nerdctl,
+  as soci's getting-started guide does.
 
 Both live under one work directory, removed (mounts first) by `close()`; both expose the
 daemon's process ids (`daemon_pids`, for bench.usage), the containerd address and a `ctr`.
@@ -22,30 +23,21 @@ import sys
 import time
 from pathlib import Path
 
+from tests.fixtures import gotools
 from tests.fixtures.containerd import Pysoci, start_containerd
 
 REPO = Path(__file__).resolve().parent.parent
-GO_PREFIX = Path(os.environ.get("PYSOCI_GO_PREFIX", "/opt/pysoci-go"))
-SOCI_VERSION = "v0.16.1"
-CONTAINERD17_VERSION = "v1.7.35"
-SOCI_BIN = GO_PREFIX / f"soci-{SOCI_VERSION}" / "bin"
-CONTAINERD17_BIN = GO_PREFIX / f"containerd-{CONTAINERD17_VERSION}" / "bin"
+SOCI_VERSION = gotools.SOCI_VERSION
 NERDCTL = shutil.which("nerdctl") or "/usr/local/bin/nerdctl"
 
 
 def go_tools() -> tuple[Path, Path]:
-    """The soci and containerd 1.7 bin directories, built by scripts/go-tools.sh if missing."""
-    want = [SOCI_BIN / "soci", SOCI_BIN / "soci-snapshotter-grpc", CONTAINERD17_BIN / "containerd",
-            CONTAINERD17_BIN / "ctr", CONTAINERD17_BIN / "containerd-shim-runc-v2"]  # fmt: skip
-    if not all(p.is_file() for p in want):
-        script = REPO / "scripts" / "go-tools.sh"
-        if not script.exists():
-            raise RuntimeError(f"{script} is missing: cannot build soci {SOCI_VERSION}")
-        subprocess.run([str(script)], check=True, timeout=3600)
-    missing = [str(p) for p in want if not p.is_file()]
-    if missing:
-        raise RuntimeError(f"scripts/go-tools.sh did not build {missing}")
-    return SOCI_BIN, CONTAINERD17_BIN
+    """The soci and containerd 1.7 bin directories, built by scripts/go-tools.sh if missing
+    (idempotent and cached: a no-op when they are there)."""
+    if gotools.missing_go_tools():
+        subprocess.run([str(REPO / "scripts" / "go-tools.sh")], check=True, timeout=3600)
+    gotools.require_go_tools()
+    return gotools.SOCI_BIN, gotools.CONTAINERD_BIN
 
 
 def _run(args: list[str], timeout: float, check: bool) -> subprocess.CompletedProcess[str]:

@@ -193,17 +193,23 @@ def targets(rows: list[dict[str, Any]]) -> str:
 def images_table(data: dict[str, Any]) -> str:
     lines = [
         "| image | layers | compressed | uncompressed | bytes read (spans touched) "
-        "| files read (prefetch list) |",
-        "|---|---|---|---|---|---|",
+        "| files read before ready | soci+prefetch: spans, MB (files given to soci) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, info in data.get("images", {}).items():
         read = data.get("read", {}).get(name, {}).get("fetched_at_ready", 0)
         share = f" ({100 * read / info['compressed']:.1f} %)" if read else ""
         files = info.get("prefetch_files", 0)
+        sp = info.get("soci_prefetch") or {}
+        soci = (
+            f"{sp['spans']}, {sp['compressed_bytes'] / MB:.1f} MB ({sp['files_given_to_soci']})"
+            if sp
+            else "–"
+        )
         lines.append(
             f"| {name} | {len(info['layers'])} | {info['compressed'] / MB:.0f} MB "
             f"| {info['uncompressed'] / MB:.0f} MB | {read / MB:.1f} MB{share} "
-            f"| {files or '–'} |"
+            f"| {files or '–'} | {soci} |"
         )
     return "\n".join(lines)
 

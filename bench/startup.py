@@ -21,8 +21,10 @@ the pull to the first output line of the container that says it is ready:
                    then `ctr run --snapshotter soci` (containerd 1.7's ctr); soci's defaults,
                    plus a resolver mirror entry saying the registry speaks plain HTTP;
 - `soci+prefetch`: the same on `REF:soci-v2-prefetch`, converted with `soci convert
-                   --prefetch-files-json` from the files the workload reads (bench/filelist.py)
-                   and soci's `[prefetch] enable = true` (off by default in v0.16).
+                   --prefetch-files-json` from the files the workload reads (bench/filelist.py;
+                   the fewest of them that map to the same spans, bench/soci_prefetch.py: soci
+                   leaks memory per file), and soci's `[prefetch] enable = true` (off by
+                   default in v0.16).
 
 (`pysoci+prefetch` — a second cold node after the first node's recorded start was published
 with `pysoci prefetch push` — is added once that command exists: a per-image `prepare` step
@@ -61,7 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import filelist, images, ocipush, usage
+from bench import filelist, images, ocipush, soci_prefetch, usage
 from bench.netns import ShapedRegistry
 from bench.nodes import SOCI_VERSION, Node, PysociNode, SociNode, cleanup_dir, go_tools
 
@@ -135,8 +137,11 @@ class Image:
     """`HOST/NAME` on the pull side (through the proxy)."""
     layers: list[images.LayerFile]
     manifest: str = ""
+    manifest_desc: Any = None
     files: list[str] = field(default_factory=list)
     """What the workload reads before ready (prefetch modes only; bench/filelist.py)."""
+    prefetch: dict[str, Any] = field(default_factory=dict)
+    """What `:soci-v2-prefetch` prefetches (soci_prefetch_image)."""
 
     @property
     def compressed(self) -> int:
@@ -159,7 +164,7 @@ def publish(
     out = {}
     for name in names:
         desc, layers = images.write_layout(layout, name)
-        image = Image(name, f"{reg.pull_host}/{name}", layers, desc.digest)
+        image = Image(name, f"{reg.pull_host}/{name}", layers, desc.digest, desc)
         dst = f"{reg.push_host}/{name}"
         if marker.get(name) != desc.digest:
             log(f"push {name} and convert it with pysoci")
@@ -174,19 +179,55 @@ def publish(
             marker_path.write_text(json.dumps(marker, indent=1))
         if any(MODE_SPECS[m].prefetch for m in modes):
             image.files = filelist.workload_files(name, layers, desc.digest, WORK)
-        for tag, files in (("soci-v2", None), ("soci-v2-prefetch", image.files)):
-            if tag not in tags:
-                continue
+        if tags & {"soci-v2", "soci-v2-prefetch"}:  # the prefetch list is mapped on its zTOCs
             key = f"{desc.digest} soci {SOCI_VERSION}"
-            if files is not None:
-                key += " files " + hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
-            if marker.get(f"{name}:{tag}") != key:
-                log(f"{name}: soci convert → :{tag}" + (f" ({len(files)} files)" if files else ""))
-                soci_convert(reg, name, desc, tag, files)
-                marker[f"{name}:{tag}"] = key
+            if marker.get(f"{name}:soci-v2") != key:
+                log(f"{name}: soci convert → :soci-v2")
+                soci_convert(reg, name, desc, "soci-v2", None)
+                marker[f"{name}:soci-v2"] = key
                 marker_path.write_text(json.dumps(marker, indent=1))
+        if "soci-v2-prefetch" in tags:
+            image.prefetch = soci_prefetch_image(reg, image, marker)
+            marker_path.write_text(json.dumps(marker, indent=1))
         out[name] = image
     return out
+
+
+def soci_prefetch_image(
+    reg: ShapedRegistry, image: Image, marker: dict[str, str]
+) -> dict[str, Any]:
+    """`:soci-v2-prefetch`: `soci convert --prefetch-files-json` of the workload's files (the
+    fewest that map to the same spans: bench/soci_prefetch.py), checked against what soci
+    pushed. Returns what it prefetches (files, spans, compressed bytes)."""
+    name = image.name
+    layer_digests = [la.digest for la in image.layers]
+    tocs = soci_prefetch.layer_tocs(reg.push_host, name, "soci-v2")
+    ranges = soci_prefetch.ranges_of(image.files, layer_digests, tocs)
+    want = soci_prefetch.expected_spans(ranges)
+    cover = soci_prefetch.covering_files(ranges)
+    info = {
+        "files": len(image.files),
+        "files_found": len(ranges),
+        "files_given_to_soci": len(cover),
+        "spans": sum(len(v) for v in want.values()),
+        "compressed_bytes": sum(tocs[d].compressed_bytes(v) for d, v in want.items()),
+    }
+    key = (
+        f"{image.manifest} soci {SOCI_VERSION} files "
+        + hashlib.sha256("\n".join(cover).encode()).hexdigest()[:16]
+    )
+    if marker.get(f"{name}:soci-v2-prefetch") != key:
+        log(f"{name}: soci convert → :soci-v2-prefetch ({len(image.files)} files read; "
+            f"{len(cover)} of them name the same {info['spans']} spans)")  # fmt: skip
+        soci_convert(reg, name, image.manifest_desc, "soci-v2-prefetch", cover)
+        got = soci_prefetch.artifact_spans(reg.push_host, name, "soci-v2-prefetch")
+        if got != want:
+            raise RuntimeError(
+                f"{name}: soci's prefetch artifacts name {sum(map(len, got.values()))} spans, "
+                f"the file list maps to {info['spans']}"
+            )
+        marker[f"{name}:soci-v2-prefetch"] = key
+    return info
 
 
 def soci_convert(
@@ -215,10 +256,39 @@ def soci_convert(
         (work / "prefetch.json").write_text(json.dumps(files))
         cmd += ["--prefetch-files-json", str(work / "prefetch.json")]
     try:
-        run(*cmd, str(src), str(dst), timeout=3600, env={**os.environ, "TMPDIR": str(tmp)})
+        run_bounded([*cmd, str(src), str(dst)], {**os.environ, "TMPDIR": str(tmp)})
         ocipush.push_layout(dst, reg.push_host, name, tag)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+SOCI_CONVERT_RSS_LIMIT = 12 * 2**30
+
+
+def run_bounded(cmd: list[str], env: dict[str, str], timeout: float = 3600) -> None:
+    """Run `cmd`, killed if its RSS passes SOCI_CONVERT_RSS_LIMIT: `soci convert` with prefetch
+    files does not free what it decodes per file (see bench/soci_prefetch.py), and an OOM kill
+    on this shared machine could hit someone else's process."""
+    log_path = WORK / "soci-convert.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, usage.rss_bytes(proc.pid))
+        if peak > SOCI_CONVERT_RSS_LIMIT or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            limit = SOCI_CONVERT_RSS_LIMIT / 2**30
+            raise RuntimeError(
+                f"{cmd[1]} stopped at {peak / 2**30:.1f} GiB RSS (limit {limit:.0f}) "
+                f"or by the timeout; its output: {log_path}"
+            )
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(cmd[:3])} exited {proc.returncode}: {tail}")
+    log(f"{' '.join(Path(c).name for c in cmd[:2])}: peak RSS {peak / 2**30:.1f} GiB")
 
 
 # --- one run ------------------------------------------------------------------------------------
@@ -356,6 +426,7 @@ def cold_run(
         cd_cpu0 = usage.cpu_seconds(node.containerd_pid())
         mon = usage.Monitor(node.daemon_pids())
         b0, r0 = reg.bytes_served(), reg.requests()
+        m0 = time.monotonic()
         t0 = time.perf_counter()
         ref = f"{image.repo}:{spec.tag}"
         node.pull(ref, spec.lazy, READY_TIMEOUT)
@@ -378,6 +449,12 @@ def cold_run(
             c.kill()
         time.sleep(0.5)
         res.bytes_total = reg.bytes_served() - b0
+        records = reg.log_since(m0)
+        res.extra |= blob_traffic(records)
+        if REQUESTS_DIR is not None:
+            REQUESTS_DIR.mkdir(parents=True, exist_ok=True)
+            name = f"requests-{image.name}-{res.network}-{mode}-{res.index}.json"
+            (REQUESTS_DIR / name).write_text(json.dumps([r.__dict__ for r in records]))
         u = mon.stop()
         mon = None
         res.daemon_cpu_s, res.daemon_cpu_ready_s = u.cpu_s, u.marks.get("ready", 0.0)
@@ -394,6 +471,34 @@ def cold_run(
         if spy is not None:
             stop_py_spy(spy)
         node.close()
+
+
+REQUESTS_DIR: Path | None = None
+"""--keep-requests: where every cold run's request log goes (OUT/requests-*.json)."""
+
+
+def blob_traffic(records: list[Any]) -> dict[str, int]:
+    """Blob bytes served vs the distinct bytes they cover (a range asked twice counts once)."""
+    served = 0
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for r in records:
+        if r.kind != "blob" or r.method != "GET" or r.bytes <= 0:
+            continue
+        served += r.bytes
+        start = 0
+        if r.range and r.range.startswith("bytes="):
+            with contextlib.suppress(ValueError):
+                start = int(r.range[6:].split("-", 1)[0])
+        ranges.setdefault(r.path, []).append((start, start + r.bytes))
+    distinct = 0
+    for spans in ranges.values():
+        end = -1
+        for a, b in sorted(spans):
+            if b > end:
+                distinct += b - max(a, end)
+                end = b
+    return {"blob_bytes": served, "blob_distinct_bytes": distinct, "blob_gets": sum(
+        len(v) for v in ranges.values())}  # fmt: skip
 
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -491,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.010, help="seconds per request")
     parser.add_argument("--no-read", action="store_true",
                         help="skip the bytes-read measurement (no physical limit)")  # fmt: skip
+    parser.add_argument("--keep-requests", action="store_true",
+                        help="write each cold run's registry request log to OUT")  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--resume", action="store_true", help="keep runs in OUT/startup.json")
     parser.add_argument("--publish", action="store_true", help="copy table and chart to results/")
@@ -498,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.startup needs root (network namespaces, mounts, containerd)", file=sys.stderr)
         return 2
+    global REQUESTS_DIR
+    REQUESTS_DIR = args.out if args.keep_requests else None
     names = _csv(args.images, images.WORKLOADS, "images")
     networks = _csv(args.networks, NETWORKS, "networks")
     modes = tuple(_csv(args.modes, MODE_SPECS, "modes"))
@@ -526,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                 "manifest": i.manifest,
                 "layers": [asdict(layer) | {"blob": str(layer.blob)} for layer in i.layers],
                 "prefetch_files": len(i.files),
+                "soci_prefetch": i.prefetch,
             }
             for n, i in imgs.items()
         }

@@ -18,6 +18,7 @@ APT_PACKAGES=(
   nginx                  # a registry mirror caching byte ranges (slice module): fleet tests
   systemd                # systemd-analyze verify and systemd-socket-activate (unit tests)
   zlib1g-dev             # soci-snapshotter's zTOC code links libz through cgo (go-tools.sh)
+  strace                 # bench/filelist.py: the files a workload reads (prefetch lists)
 )
 
 missing=()
