@@ -152,14 +152,16 @@ class PysociNode:
                 total += int(json.loads(p.read_text())["fetchedSize"])
         return total
 
-    def check_lazy(self, out: Path) -> None:
-        """A pysoci run that served no layer lazily measures nothing: fail it, keep the log."""
-        if list((self.pysoci.root / "fuse" / ".status").glob("*.json")):
+    def check_lazy(self, out: Path, expected: int) -> None:
+        """A run where pysoci did not serve every indexed layer lazily measures something
+        else: fail it, keep the log."""
+        lazy = len(list((self.pysoci.root / "fuse" / ".status").glob("*.json")))
+        if lazy >= expected:
             return
         out.mkdir(parents=True, exist_ok=True)
         kept = out / f"pysoci-not-lazy-{time.strftime('%H%M%S')}.log"
         shutil.copyfile(self.pysoci.log, kept)
-        raise RuntimeError(f"pysoci served no layer lazily (its log: {kept})")
+        raise RuntimeError(f"pysoci served {lazy} of {expected} layers lazily (its log: {kept})")
 
     def close(self) -> None:
         try:
@@ -171,17 +173,26 @@ class PysociNode:
                 cleanup_dir(self.wd)
 
 
+PREFETCH_MOUNT_TIMEOUT_SEC = 900
+
+
 def soci_config(pull_host: str, prefetch: bool) -> str:
     """soci-snapshotter-grpc's config: its defaults, plus what the bench needs to work at all
     (the registry speaks plain HTTP on a non-loopback address) and, for `soci+prefetch`, the
-    prefetch feature (off by default in v0.16)."""
-    return (
+    prefetch feature (off by default in v0.16) with a mount timeout long enough for it: soci
+    prefetches inside the layer's mount, and with the default `mount_timeout_sec = 30` a
+    prefetch that takes longer fails the mount, after which containerd downloads the whole
+    layer while the prefetch goes on (ml-large at 1 Gbit/s: 161 s to ready, 5.3 GB fetched)."""
+    text = (
         f'[resolver.host."{pull_host}"]\n'
         f'  [[resolver.host."{pull_host}".mirrors]]\n'
         f'    host = "http://{pull_host}"\n'
         "    insecure = true\n"
-        f"[prefetch]\nenable = {'true' if prefetch else 'false'}\n"
     )
+    if prefetch:
+        text = f"mount_timeout_sec = {PREFETCH_MOUNT_TIMEOUT_SEC}\n" + text
+        text += "[prefetch]\nenable = true\n"
+    return text
 
 
 def containerd17_config(wd: Path, soci_socket: Path, bin_dir: Path) -> str:
@@ -270,14 +281,16 @@ class SociNode:
     def fetched(self) -> int:
         return 0
 
-    def check_lazy(self, out: Path) -> None:
-        """soci falls back to a full pull when it finds no index: that run measures nothing."""
-        if mounts_under(self.root, "fuse.rawBridge"):
+    def check_lazy(self, out: Path, expected: int) -> None:
+        """soci falls back to a full download of a layer it cannot mount (no index, or the
+        mount timed out): such a run measures something else, fail it and keep the log."""
+        lazy = len(mounts_under(self.root, "fuse.rawBridge"))
+        if lazy >= expected:
             return
         out.mkdir(parents=True, exist_ok=True)
         kept = out / f"soci-not-lazy-{time.strftime('%H%M%S')}.log"
         shutil.copyfile(self.log, kept)
-        raise RuntimeError(f"soci mounted no layer lazily (its log: {kept})")
+        raise RuntimeError(f"soci mounted {lazy} of {expected} layers lazily (its log: {kept})")
 
     def close(self) -> None:
         try:

@@ -24,7 +24,9 @@ the pull to the first output line of the container that says it is ready:
                    --prefetch-files-json` from the files the workload reads (bench/filelist.py;
                    the fewest of them that map to the same spans, bench/soci_prefetch.py: soci
                    leaks memory per file), and soci's `[prefetch] enable = true` (off by
-                   default in v0.16).
+                   default in v0.16) with `mount_timeout_sec = 900` (soci prefetches inside
+                   the mount; past the default 30 s the mount fails and containerd pulls the
+                   whole layer: bench/nodes.py).
 
 (`pysoci+prefetch` — a second cold node after the first node's recorded start was published
 with `pysoci prefetch push` — is added once that command exists: a per-image `prepare` step
@@ -142,6 +144,11 @@ class Image:
     """What the workload reads before ready (prefetch modes only; bench/filelist.py)."""
     prefetch: dict[str, Any] = field(default_factory=dict)
     """What `:soci-v2-prefetch` prefetches (soci_prefetch_image)."""
+
+    @property
+    def lazy_layers(self) -> int:
+        """Layers both converters index (`--min-layer-size` 10 MiB, their default)."""
+        return sum(1 for layer in self.layers if layer.size >= 10 << 20)
 
     @property
     def compressed(self) -> int:
@@ -440,7 +447,7 @@ def cold_run(
             mon.mark("ready")
             if spec.lazy:
                 res.fetched_at_ready = node.fetched()
-                node.check_lazy(OUT)
+                node.check_lazy(OUT, image.lazy_layers)
             if spy is not None:
                 stop_py_spy(spy)
                 spy = None
