@@ -7,8 +7,10 @@
   scripts/go-tools.sh (paths: tests/fixtures/gotools.py). Images are pulled with nerdctl,
   as soci's getting-started guide does.
 
-Both live under one work directory, removed (mounts first) by `close()`; both expose the
-daemon's process ids (`daemon_pids`, for bench.usage), the containerd address and a `ctr`.
+Both live under one work directory, removed (mounts first) by `close()`, which stops every
+daemon (pysoci: `serve` and its data plane, which outlives serve); both expose the daemon's
+process ids by name (`daemon_pids`, for bench.usage), the containerd address and a `ctr`.
+Containers run with a runc root inside the node's directory (`runc_root`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.fixtures.containerd import Pysoci, start_containerd
 REPO = Path(__file__).resolve().parent.parent
 SOCI_VERSION = gotools.SOCI_VERSION
 NERDCTL = shutil.which("nerdctl") or "/usr/local/bin/nerdctl"
+PYSOCI = str(Path(sys.executable).with_name("pysoci"))
 
 
 def go_tools() -> tuple[Path, Path]:
@@ -84,15 +87,26 @@ def mounts_under(prefix: Path, fstype: str | None = None) -> list[str]:
     return out
 
 
+def runc_root(wd: Path) -> Path:
+    """runc's state of the node's containers: under the node's own directory, not runc's
+    machine-wide default (where a fixed container id of another run would collide)."""
+    return wd / "runc"
+
+
+CONTAINER_IDS = ("cold", "warm", "record")
+
+
 def cleanup_dir(wd: Path) -> None:
-    """Unmount everything under `wd` (deepest first), then remove it. runc keeps container
-    state outside it, by container id: what a killed run left of ours goes too."""
-    for cid in ("cold", "warm", "record"):
-        subprocess.run(
-            ["runc", "--root", "/run/containerd/runc/default", "delete", "-f", cid],
-            capture_output=True,
-            check=False,
-        )
+    """Stop what a killed run left under `wd` (its containers, a data plane serving
+    `wd/pysoci`), unmount everything under it (deepest first), then remove it."""
+    if runc_root(wd).is_dir():
+        for cid in CONTAINER_IDS:
+            subprocess.run(["runc", "--root", str(runc_root(wd)), "delete", "-f", cid],
+                           capture_output=True, check=False)  # fmt: skip
+    if (wd / "pysoci" / "data-plane.sock").exists():
+        # the data plane outlives `pysoci serve`: stop the one of this root (by its socket)
+        subprocess.run([PYSOCI, "data-plane", "stop", "--root", str(wd / "pysoci")],
+                       capture_output=True, check=False, timeout=120)  # fmt: skip
     for _ in range(5):
         points = mounts_under(wd)
         if not points:
@@ -137,9 +151,16 @@ class PysociNode:
         else:
             self.ctr("image", "pull", "--plain-http", ref, timeout=timeout)
 
-    def daemon_pids(self) -> list[int]:
-        """`pysoci serve` (its children — the data plane — are found by bench.usage)."""
-        return [self.pysoci.proc.pid] if self.pysoci.proc is not None else []
+    def daemon_pids(self) -> dict[str, int]:
+        """`pysoci serve` and the data plane it started (`pysoci data-plane run`, a process
+        of its own that outlives serve): bench.usage sums both."""
+        pids = {}
+        if self.pysoci.proc is not None:
+            pids["serve"] = self.pysoci.proc.pid
+        dp = self.pysoci.data_plane_pid()
+        if dp is not None:
+            pids["data-plane"] = dp
+        return pids
 
     def containerd_pid(self) -> int:
         return self.cd.proc.pid
@@ -271,8 +292,8 @@ class SociNode:
               "--snapshotter", "soci" if lazy else "overlayfs", "pull", "--quiet", ref],
              timeout, True)  # fmt: skip
 
-    def daemon_pids(self) -> list[int]:
-        return [self.soci.pid] if self.soci is not None else []
+    def daemon_pids(self) -> dict[str, int]:
+        return {"soci-snapshotter-grpc": self.soci.pid} if self.soci is not None else {}
 
     def containerd_pid(self) -> int:
         assert self.containerd is not None

@@ -8,6 +8,8 @@ so a daemon is a process tree: each sample walks the tree from the root pids
   their parent's c-times, so nothing is lost between samples), in seconds;
 - RSS: VmRSS; the peak is the largest sum seen (every `interval`, 20 Hz by default).
 
+The roots are named (`serve`, `data-plane`; `soci-snapshotter-grpc`): each root's own CPU
+seconds and peak RSS are kept too, so a report can say which process did the work.
 `mark(name)` records the CPU total at that moment (e.g. `ready`); `stop()` returns a `Usage`.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -31,6 +34,10 @@ class Usage:
     procs: int = 0
     """The most processes seen in the tree at once."""
     samples: int = 0
+    parts_cpu_s: dict[str, float] = field(default_factory=dict)
+    """Each named root's own CPU seconds from `start` to `stop` (its reaped children too)."""
+    parts_rss_peak: dict[str, int] = field(default_factory=dict)
+    """Each named root's own peak VmRSS."""
 
 
 def tree(roots: list[int]) -> list[int]:
@@ -81,23 +88,29 @@ def rss_bytes(pid: int) -> int:
 class Monitor:
     """Samples the process trees under `roots` in a thread until `stop()`."""
 
-    def __init__(self, roots: list[int], interval: float = 0.05) -> None:
-        self.roots = roots
+    def __init__(self, roots: Mapping[str, int], interval: float = 0.05) -> None:
+        self.roots = dict(roots)
         self.interval = interval
         self.usage = Usage()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._last_cpu = 0.0
+        self._parts0 = {name: cpu_seconds(pid) for name, pid in self.roots.items()}
+        self._parts_last = dict(self._parts0)
         self._cpu0 = self._sample()
         self._thread = threading.Thread(target=self._loop, name="usage-monitor", daemon=True)
         self._thread.start()
 
     def _sample(self) -> float:
-        pids = tree(self.roots)
+        pids = tree(list(self.roots.values()))
         cpu = sum(cpu_seconds(p) for p in pids)
         rss = sum(rss_bytes(p) for p in pids)
+        parts = {name: (cpu_seconds(pid), rss_bytes(pid)) for name, pid in self.roots.items()}
         with self._lock:
             u = self.usage
+            for name, (pcpu, prss) in parts.items():
+                self._parts_last[name] = max(self._parts_last[name], pcpu)
+                u.parts_rss_peak[name] = max(u.parts_rss_peak.get(name, 0), prss)
             u.samples += 1
             u.rss_peak = max(u.rss_peak, rss)
             u.procs = max(u.procs, len(pids))
@@ -120,4 +133,7 @@ class Monitor:
         cpu = self._sample()
         with self._lock:
             self.usage.cpu_s = cpu - self._cpu0
+            self.usage.parts_cpu_s = {
+                name: last - self._parts0[name] for name, last in self._parts_last.items()
+            }
             return self.usage

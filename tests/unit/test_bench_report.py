@@ -62,7 +62,7 @@ BURN = (
 def test_monitor_counts_cpu_of_children_that_exited() -> None:
     proc = subprocess.Popen([sys.executable, "-c", BURN])
     try:
-        mon = usage.Monitor([proc.pid], interval=0.02)
+        mon = usage.Monitor({"parent": proc.pid}, interval=0.02)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             time.sleep(0.1)
@@ -75,3 +75,5 @@ def test_monitor_counts_cpu_of_children_that_exited() -> None:
     assert u.cpu_s >= 0.4
     assert u.procs == 2
     assert u.rss_peak > 0
+    assert u.parts_cpu_s["parent"] >= 0.4  # the parent's own figure includes its reaped child
+    assert 0 < u.parts_rss_peak["parent"] <= u.rss_peak
