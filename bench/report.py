@@ -22,6 +22,8 @@ MB = 1_000_000
 MODES = ("overlayfs", "pysoci", "pysoci+prefetch", "soci", "soci+prefetch")
 LAZY = ("pysoci", "pysoci+prefetch", "soci", "soci+prefetch")
 PEER = {"pysoci": "soci", "pysoci+prefetch": "soci+prefetch"}
+CAUSES = ("data", "gated header", "file header", "other")
+"""bench.gating's classes, in its order."""
 """The real soci's mode each pysoci mode is compared with (same run, image and network)."""
 COLORS = {"overlayfs": "#8c8c8c", "pysoci": "#2b7bba", "pysoci+prefetch": "#12467a",
           "soci": "#e69f00", "soci+prefetch": "#a0522d"}  # fmt: skip
@@ -53,6 +55,15 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float:
 def _modes(data: dict[str, Any]) -> list[str]:
     seen = {r["mode"] for r in data["runs"]}
     return [m for m in MODES if m in seen]
+
+
+def _parts(runs: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
+    """Per daemon process (`serve`, `data-plane`, ...): its figure in each run."""
+    out: dict[str, list[float]] = {}
+    for r in runs:
+        for name, value in (r.get(key) or {}).items():
+            out.setdefault(name, []).append(value)
+    return out
 
 
 def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -91,6 +102,8 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "cpu": [r.get("daemon_cpu_s", 0.0) for r in runs],
                     "cpu_ready": [r.get("daemon_cpu_ready_s", 0.0) for r in runs],
                     "rss": [r.get("daemon_rss_peak", 0) for r in runs],
+                    "parts_cpu": _parts(runs, "daemon_parts_cpu_s"),
+                    "parts_rss": _parts(runs, "daemon_parts_rss_peak"),
                     "procs": max((r.get("daemon_procs", 0) for r in runs), default=0),
                     "needed": needed,
                     "limit": limit,
@@ -136,14 +149,18 @@ def table(rows: list[dict[str, Any]]) -> str:
 def daemon_table(rows: list[dict[str, Any]]) -> str:
     """CPU and memory of the snapshotter daemons, pysoci and soci side by side."""
     lines = [
-        "| network | image | mode | daemon CPU s to ready | daemon CPU s to exit | MB fetched "
-        "| CPU s per MB fetched | peak RSS, MiB | processes |",
+        "| network | image | mode | daemon CPU s to ready | daemon CPU s to exit | MB served "
+        "| CPU s per MB served | peak RSS, MiB | per process: CPU s, peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["mode"] not in LAZY or not r["ready"]:
             continue
         cpu, total = _med(r["cpu"]), _med(r["total"]) / MB
+        parts = ", ".join(
+            f"{name} {_med(xs):.2f} s, {_med(r['parts_rss'].get(name, [0])) / 2**20:.0f}"
+            for name, xs in r.get("parts_cpu", {}).items()
+        )
         cells = [
             r["network"],
             r["image"],
@@ -153,10 +170,32 @@ def daemon_table(rows: list[dict[str, Any]]) -> str:
             f"{total:.1f}",
             f"{cpu / total:.4f}" if total else "–",
             f"{_med(r['rss']) / 2**20:.0f} ({max(r['rss']) / 2**20:.0f} max)",
-            str(r["procs"]),
+            parts or str(r["procs"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def causes_table(data: dict[str, Any]) -> str:
+    """Why the bytes-read run fetched each span (bench/gating.py): the header checks' cost."""
+    lines = [
+        "| image | " + " | ".join(f"{c}: spans, MB, s" for c in CAUSES) + " | gated / all bytes |",
+        "|---|" + "---|" * (len(CAUSES) + 1),
+    ]
+    any_row = False
+    for name in data.get("images", {}):
+        causes = data.get("read", {}).get(name, {}).get("extra", {}).get("spans_by_cause")
+        if not causes:
+            continue
+        any_row = True
+        total = sum(c["bytes"] for c in causes.values()) or 1
+        cells = [
+            f"{causes[c]['spans']:.0f}, {causes[c]['bytes'] / MB:.1f}, {causes[c]['seconds']:.2f}"
+            for c in CAUSES
+        ]
+        gated = causes["gated header"]["bytes"] / total
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gated:.3f} |")
+    return "\n".join(lines) if any_row else ""
 
 
 def targets(rows: list[dict[str, Any]]) -> str:
@@ -290,6 +329,17 @@ def markdown(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "Targets (issue 13):",
         targets(rows),
     ]
+    causes = causes_table(data)
+    if causes:
+        parts += [
+            "Why each span of the bytes-read run (no background fetch, no read-ahead) was "
+            "fetched: data of a file the workload opened, the tar header of a gated entry "
+            "(symlink, hardlink, device, setuid/setgid, capability, whiteout: checked before "
+            "it is shown, issue 15), an opened file's own header in the span before its data, "
+            "or none of those (bench/gating.py; seconds: the proxy's time for those requests, "
+            "an upper bound):",
+            causes,
+        ]
     return "\n\n".join(parts) + "\n"
 
 

@@ -14,6 +14,11 @@ the pull to the first output line of the container that says it is ready:
 - `pysoci`:        `ctr-remote image rpull --plain-http --snapshotter soci REF:soci` (the image
                    indexed by `pysoci convert`), then `ctr run --snapshotter soci REF:soci`
                    (containerd 1.6, pysoci with its default configuration);
+- `pysoci+prefetch`: a first cold node pulls `REF:soci` and runs the workload (pysoci records
+                   its start), `pysoci prefetch push` publishes the recording as SOCI
+                   prefetch artifacts (`REF:soci-prefetch`); each cold run is then a fresh
+                   node pulling that, as `pysoci`. Left out of the default modes until
+                   `pysoci prefetch` exists (issue 13 §1; `pysoci_prefetch_image`).
 - `soci`:          the real soci-snapshotter-grpc v0.16.1 with containerd v1.7.35 (both built
                    from the Go module proxy by scripts/go-tools.sh):
                    `nerdctl --snapshotter soci pull REF:soci-v2` (the image indexed by the real
@@ -28,22 +33,21 @@ the pull to the first output line of the container that says it is ready:
                    the mount; past the default 30 s the mount fails and containerd pulls the
                    whole layer: bench/nodes.py).
 
-(`pysoci+prefetch` — a second cold node after the first node's recorded start was published
-with `pysoci prefetch push` — is added once that command exists: a per-image `prepare` step
-beside `soci_convert`, and one more `MODE_SPECS` entry.)
-
 Bytes are the proxy's count of response-body bytes served: `at ready` when the ready line
 appeared, `total` when the container has exited (postgres: stopped) — for the lazy modes that
 is NOT the whole image: both daemons' background fetchers wait 30 s of quiet, which no run
-here reaches. The daemon (pysoci serve and every process it spawned; soci-snapshotter-grpc) is
-sampled from the pull to the container's exit (bench/usage.py): CPU seconds and peak RSS.
+here reaches. The daemon (pysoci: `pysoci serve` and the `pysoci data-plane run` it starts,
+a process of its own that outlives serve — every node stops both; soci: soci-snapshotter-grpc)
+is sampled from the pull to the container's exit (bench/usage.py): CPU seconds and peak RSS,
+summed and per process.
 After each cold run the same image is run once more on the same node (`warm`: everything
 local and in the page cache).
 
 Once per image, `bytes read` = the compressed bytes of the spans the workload touched: a pysoci
 run with background fetching off and no read-ahead, summing the layers' `fetchedSize`. The
 physical limit of a mode = bytes it must move / link rate + its warm time (overlayfs: the whole
-compressed image; the lazy modes: the bytes read).
+compressed image; the lazy modes: the bytes read). That run's spans are also told apart by
+why they were fetched (bench/gating.py): what the header checks of gated entries cost.
 """
 
 from __future__ import annotations
@@ -65,9 +69,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import filelist, images, ocipush, soci_prefetch, usage
+from bench import filelist, gating, images, ocipush, soci_prefetch, usage
 from bench.netns import ShapedRegistry
-from bench.nodes import SOCI_VERSION, Node, PysociNode, SociNode, cleanup_dir, go_tools
+from bench.nodes import (
+    SOCI_VERSION,
+    Node,
+    PysociNode,
+    SociNode,
+    cleanup_dir,
+    go_tools,
+    runc_root,
+)
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -95,11 +107,25 @@ MODE_SPECS = {
     for m in (
         Mode("overlayfs", "pysoci", "plain", False),
         Mode("pysoci", "pysoci", "soci", True),
+        Mode("pysoci+prefetch", "pysoci", "soci-prefetch", True, prefetch=True),
         Mode("soci", "soci", "soci-v2", True),
         Mode("soci+prefetch", "soci", "soci-v2-prefetch", True, prefetch=True),
     )
 }
 MODES = tuple(MODE_SPECS)
+
+
+def pysoci_prefetch_available() -> bool:
+    """Whether this pysoci has `pysoci prefetch` (issue 13 §1): else `pysoci+prefetch` is
+    left out of the default modes, and asking for it is an error."""
+    res = subprocess.run([PYSOCI, "prefetch", "--help"], capture_output=True, check=False)
+    return res.returncode == 0
+
+
+def default_modes() -> tuple[str, ...]:
+    if pysoci_prefetch_available():
+        return MODES
+    return tuple(m for m in MODES if m != "pysoci+prefetch")
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,8 @@ class Image:
     """What the workload reads before ready (prefetch modes only; bench/filelist.py)."""
     prefetch: dict[str, Any] = field(default_factory=dict)
     """What `:soci-v2-prefetch` prefetches (soci_prefetch_image)."""
+    pysoci_prefetch: dict[str, Any] = field(default_factory=dict)
+    """What the first node recorded for `:soci-prefetch` (pysoci_prefetch_image)."""
 
     @property
     def lazy_layers(self) -> int:
@@ -196,8 +224,34 @@ def publish(
         if "soci-v2-prefetch" in tags:
             image.prefetch = soci_prefetch_image(reg, image, marker)
             marker_path.write_text(json.dumps(marker, indent=1))
+        if "soci-prefetch" in tags:  # recorded by this pysoci: never taken from the marker
+            image.pysoci_prefetch = pysoci_prefetch_image(reg, image)
         out[name] = image
     return out
+
+
+def pysoci_prefetch_image(reg: ShapedRegistry, image: Image) -> dict[str, Any]:
+    """`:soci-prefetch`: a first cold node (containerd 1.6 + pysoci, defaults) pulls `:soci`
+    and runs the workload to its end, recording its start; `pysoci prefetch push` then
+    publishes the recording as SOCI prefetch artifacts in a new SOCI index of the image,
+    tagged `:soci-prefetch`, which every `pysoci+prefetch` cold run pulls on a fresh node.
+    Returns what `pysoci prefetch show` said was recorded."""
+    if not pysoci_prefetch_available():
+        raise SystemExit("pysoci+prefetch needs `pysoci prefetch` (issue 13 §1): not here yet")
+    wl = images.WORKLOADS[image.name]
+    ref = f"{image.repo}:soci"
+    node = PysociNode(WORK / "record", reg.pull_host)
+    try:
+        node.pull(ref, True, READY_TIMEOUT)
+        start_and_wait(node, ref, "record", True, wl)
+        root = str(node.pysoci.root)
+        shown = json.loads(run(PYSOCI, "prefetch", "show", ref, "--root", root, "--json"))
+        log(f"{image.name}: pysoci prefetch push → :soci-prefetch")
+        run(PYSOCI, "prefetch", "push", ref, "--root", root, "--tag", "soci-prefetch",
+            "--plain-http", timeout=1800)  # fmt: skip
+        return dict(shown) if isinstance(shown, dict) else {"recorded": shown}
+    finally:
+        node.close()
 
 
 def soci_prefetch_image(
@@ -321,6 +375,9 @@ class RunResult:
     """The same, pull start → ready."""
     daemon_rss_peak: int = 0
     daemon_procs: int = 0
+    daemon_parts_cpu_s: dict[str, float] = field(default_factory=dict)
+    """Each daemon process's own CPU seconds (pysoci: `serve`, `data-plane`)."""
+    daemon_parts_rss_peak: dict[str, int] = field(default_factory=dict)
     containerd_cpu_s: float = 0.0
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -338,7 +395,8 @@ class Container:
 
     def __init__(self, node: Node, ref: str, cid: str, lazy: bool, wl: images.Workload):
         self.node, self.cid, self.wl = node, cid, wl
-        cmd = [node.ctr_bin, "--address", str(node.address), "run", "--rm"]
+        cmd = [node.ctr_bin, "--address", str(node.address), "run", "--rm",
+               "--runc-root", str(runc_root(node.wd))]  # fmt: skip
         if lazy:
             cmd += ["--snapshotter", "soci"]
         cmd += [ref, cid, *wl.args]
@@ -428,10 +486,11 @@ def cold_run(
     try:
         drop_caches()
         res.extra["loadavg_before"] = os.getloadavg()[0]
-        if profile is not None:
-            spy = start_py_spy(node.daemon_pids()[0], profile)
+        pids = node.daemon_pids()
+        if profile is not None:  # serve, with --subprocesses: the data plane too
+            spy = start_py_spy(next(iter(pids.values())), profile)
         cd_cpu0 = usage.cpu_seconds(node.containerd_pid())
-        mon = usage.Monitor(node.daemon_pids())
+        mon = usage.Monitor(pids)
         b0, r0 = reg.bytes_served(), reg.requests()
         m0 = time.monotonic()
         t0 = time.perf_counter()
@@ -466,6 +525,7 @@ def cold_run(
         mon = None
         res.daemon_cpu_s, res.daemon_cpu_ready_s = u.cpu_s, u.marks.get("ready", 0.0)
         res.daemon_rss_peak, res.daemon_procs = u.rss_peak, u.procs
+        res.daemon_parts_cpu_s, res.daemon_parts_rss_peak = u.parts_cpu_s, u.parts_rss_peak
         res.containerd_cpu_s = usage.cpu_seconds(node.containerd_pid()) - cd_cpu0
         res.extra["ready_line"] = next((x for x in c.output if wl.is_ready(x)), "")
         if warm:
@@ -534,9 +594,19 @@ NO_BACKGROUND = "[background_fetch]\ndisable = true\n[fetch]\nreadahead_spans = 
 
 
 def measure_read(reg: ShapedRegistry, image: Image, network: str) -> RunResult:
-    """Compressed bytes of the spans the workload touches (no background, no read-ahead)."""
+    """Compressed bytes of the spans the workload touches (no background, no read-ahead),
+    and why each was fetched (bench/gating.py: what the header checks cost)."""
     res = RunResult(image.name, network, "pysoci-read", 0)
-    return cold_run(reg, image, "pysoci", res, pysoci_config=NO_BACKGROUND, warm=False)
+    m0 = time.monotonic()
+    cold_run(reg, image, "pysoci", res, pysoci_config=NO_BACKGROUND, warm=False)
+    try:
+        files = filelist.workload_files(image.name, image.layers, image.manifest, WORK)
+        tocs = soci_prefetch.layer_tocs(reg.push_host, image.name, "soci")
+        layers = [la.digest for la in image.layers]
+        res.extra["spans_by_cause"] = gating.classify(reg.log_since(m0), tocs, layers, files)
+    except Exception:  # the figure is extra: the bytes read stand without it
+        log(traceback.format_exc())
+    return res
 
 
 # --- the whole benchmark ------------------------------------------------------------------------
@@ -597,7 +667,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated; an image runs on those of its defaults listed "
                         "(ml-large: 1gbit only) unless --all-networks")  # fmt: skip
     parser.add_argument("--all-networks", action="store_true")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated (default: all of them; pysoci+prefetch once "
+                        "`pysoci prefetch` exists)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=None,
                         help="cold runs per mode (default: 5; ml-large: 3)")  # fmt: skip
     parser.add_argument("--latency", type=float, default=0.010, help="seconds per request")
@@ -616,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     REQUESTS_DIR = args.out if args.keep_requests else None
     names = _csv(args.images, images.WORKLOADS, "images")
     networks = _csv(args.networks, NETWORKS, "networks")
-    modes = tuple(_csv(args.modes, MODE_SPECS, "modes"))
+    modes = tuple(_csv(args.modes or ",".join(default_modes()), MODE_SPECS, "modes"))
     data: dict[str, Any] = {"runs": [], "read": {}}
     if args.resume and (args.out / "startup.json").exists():
         data = json.loads((args.out / "startup.json").read_text())
@@ -643,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                 "layers": [asdict(layer) | {"blob": str(layer.blob)} for layer in i.layers],
                 "prefetch_files": len(i.files),
                 "soci_prefetch": i.prefetch,
+                "pysoci_prefetch": i.pysoci_prefetch,
             }
             for n, i in imgs.items()
         }
