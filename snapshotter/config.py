@@ -188,6 +188,9 @@ class FetchTuningConfig:
     background_rate_limit: int = 0
     """Bytes per second for the whole daemon's background fetching; 0: unlimited."""
     background_preempt: bool = True
+    stream_inflate: bool = True
+    """Inflate a span while it downloads (served only once its digest checked); false:
+    after it arrived."""
     prefetch_connections: int = 6
     """Range requests in flight at once for prefetching (a layer's prefetch artifact or its
     recorded start), for the whole data plane; they pause while a read waits."""
@@ -367,6 +370,7 @@ def fetch_config(config: Config | None = None, **overrides: Any) -> FetchConfig:
         background_request_bytes=tune.background_request_bytes,
         background_rate_limit=tune.background_rate_limit,
         background_preempt=tune.background_preempt,
+        stream_inflate=tune.stream_inflate,
         prefetch_connections=tune.prefetch_connections,
         prefetch_request_bytes=tune.prefetch_request_bytes,
     )

@@ -103,3 +103,7 @@ class DataPlane(Protocol):
     async def sweep(self, keep: Collection[LayerSpec]) -> SweepResult:
         """Unmount layers not in `keep`; delete cached spans and zTOCs nothing in `keep` uses."""
         ...
+
+    async def warm(self, specs: Collection[LayerSpec]) -> int:
+        """Start fetching the zTOCs of layers about to be mounted (returns at once)."""
+        ...

@@ -130,6 +130,10 @@ class DataPlaneClient:
         raw = await self.call("layers", timeout=QUICK)
         return [ServedLayer.from_json(item) for item in raw or []]
 
+    async def warm(self, specs: Collection[LayerSpec]) -> int:
+        """Start fetching these layers' zTOCs in the data plane."""
+        return int(await self.call("warm", {"specs": [s.to_json() for s in specs]}, timeout=QUICK))
+
     async def sweep(self, keep: Collection[LayerSpec]) -> SweepResult:
         """Unmount and delete what `keep` does not use."""
         raw = await self.call("sweep", {"keep": [s.to_json() for s in keep]}, timeout=600)

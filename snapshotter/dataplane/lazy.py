@@ -32,6 +32,7 @@ from snapshotter.fetch.cache import DiskCache, LayerCache
 from snapshotter.fetch.prefetch import Prefetcher
 from snapshotter.fetch.spans import (
     ForegroundActivity,
+    RangeSink,
     RangeSource,
     SpanClaim,
     SpanManager,
@@ -82,10 +83,12 @@ class TrackedSource:
         self.last_failed = -math.inf
         self.last_error = ""
 
-    async def fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def fetch(
+        self, ranges: Sequence[tuple[int, int]], sink: RangeSink | None = None
+    ) -> list[bytes]:
         """Fetch through the wrapped source, noting success or failure."""
         try:
-            out = await self.source.fetch(ranges)
+            out = await self.source.fetch(ranges, sink)
         except Exception as e:
             self.last_failed = trio.current_time()
             self.last_error = f"{type(e).__name__}: {e}"

@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from pathlib import Path
+from typing import Final
+
+import trio
 
 from snapshotter.content.discovery import fetch_ztoc
 from snapshotter.content.layout import OciLayout
@@ -21,8 +24,37 @@ from snapshotter.fetch.registry_source import RegistryRangeSource
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import parse_reference
 from snapshotter.remote.spec import LayerSpec
+from snapshotter.soci.ztoc import Ztoc
 
 log = logging.getLogger(__name__)
+
+
+WARM_TTL: Final = 120.0
+MAX_WARM: Final = 64
+
+
+class _Warming:
+    """A zTOC being fetched ahead of its mount."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._ztoc: Ztoc | None = None
+        self._error: Exception | None = None
+
+    def set(self, ztoc: Ztoc) -> None:
+        self._ztoc = ztoc
+        self._done.set()
+
+    def fail(self, error: Exception) -> None:
+        self._error = error
+        self._done.set()
+
+    async def result(self) -> Ztoc:
+        await self._done.wait()
+        if self._ztoc is None:
+            assert self._error is not None
+            raise self._error
+        return self._ztoc
 
 
 class LocalDataPlane:
@@ -41,6 +73,8 @@ class LocalDataPlane:
         self.ztocs = OciLayout.open(ztoc_dir, create=True) if ztoc_dir is not None else None
         """zTOCs of served layers, kept so that a restart needs no registry."""
         self.local_store_dir = local_store_dir
+        self._warming: dict[str, _Warming] = {}
+        self._nursery: trio.Nursery | None = None
 
     @property
     def mountpoint(self) -> Path:
@@ -69,14 +103,11 @@ class LocalDataPlane:
                 )
             return self.mountpoint / spec.layer_id
         ref = parse_reference(spec.image_ref)
-        ztoc = await fetch_ztoc(
-            self.client,
-            ref,
-            spec.ztoc,
-            store=self.ztocs,
-            local=self._local_store(),
-            max_entries=self.lazy.config.fuse.max_ztoc_entries,
-        )
+        warming = self._warming.pop(spec.ztoc_digest, None)
+        if warming is not None:
+            ztoc = await warming.result()
+        else:
+            ztoc = await self._fetch_ztoc(spec)
         if ztoc.compressed_archive_size != spec.layer_size:
             raise FormatError(
                 f"zTOC {spec.ztoc_digest} is for {ztoc.compressed_archive_size} bytes, the "
@@ -84,6 +115,51 @@ class LocalDataPlane:
             )
         source = RegistryRangeSource(self.client, ref, spec.layer_digest)
         return await self.lazy.mount(spec, ztoc, source)
+
+    async def _fetch_ztoc(self, spec: LayerSpec) -> Ztoc:
+        return await fetch_ztoc(
+            self.client,
+            parse_reference(spec.image_ref),
+            spec.ztoc,
+            store=self.ztocs,
+            local=self._local_store(),
+            max_entries=self.lazy.config.fuse.max_ztoc_entries,
+        )
+
+    async def warm(self, specs: Collection[LayerSpec]) -> int:
+        """Start fetching and decoding the zTOCs of layers about to be mounted (the other
+        layers of an image whose first layer containerd prepares: it prepares them one after
+        another), all at once, so that their mounts find them ready; how many were started.
+        Needs `attach`; the results are kept WARM_TTL seconds and at most MAX_WARM of them."""
+        if self._nursery is None:
+            return 0
+        started = 0
+        for spec in specs:
+            if (
+                spec.ztoc_digest in self._warming
+                or self.lazy.spec(spec.layer_id) is not None
+                or len(self._warming) >= MAX_WARM
+            ):
+                continue
+            pending = _Warming()
+            self._warming[spec.ztoc_digest] = pending
+            self._nursery.start_soon(self._warm_one, spec, pending)
+            started += 1
+        return started
+
+    async def _warm_one(self, spec: LayerSpec, pending: _Warming) -> None:
+        try:
+            pending.set(await self._fetch_ztoc(spec))
+        except Exception as exc:  # the mount asks again and reports it
+            pending.fail(exc)
+        with trio.move_on_after(WARM_TTL):
+            await trio.sleep_forever()
+        if self._warming.get(spec.ztoc_digest) is pending:
+            del self._warming[spec.ztoc_digest]  # never mounted: drop the decoded zTOC
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """The nursery warming runs in (the data plane's)."""
+        self._nursery = nursery
 
     async def unmount(self, layer_id: str, *, forget: bool = False) -> None:
         """Stop serving the layer; with `forget`, delete its cached spans and, when no other

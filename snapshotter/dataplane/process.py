@@ -230,6 +230,7 @@ async def _serve(proc: _Process, started: float) -> None:
             plane = LocalDataPlane(
                 lazy, client, ztoc_dir=root / "ztocs", local_store_dir=root / "content"
             )
+            plane.attach(nursery)
 
             async def metrics(_args: dict[str, Any]) -> str:
                 return exposition()

@@ -26,7 +26,19 @@ from snapshotter.soci.ztoc import ZtocTooLargeError
 MAX_REQUEST: Final = 1 << 20
 MAX_RESPONSE: Final = 64 << 20
 OPS: Final = frozenset(
-    {"hello", "mount", "unmount", "check", "layers", "sweep", "metrics", "watch", "stop", "upgrade"}
+    {
+        "hello",
+        "mount",
+        "unmount",
+        "check",
+        "layers",
+        "sweep",
+        "warm",
+        "metrics",
+        "watch",
+        "stop",
+        "upgrade",
+    }
 )
 
 _ERRORS: Final[dict[str, type[PysociError]]] = {

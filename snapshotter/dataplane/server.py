@@ -174,6 +174,11 @@ class DataPlaneServer:
                 raise ProtocolError("sweep: keep must be a list of layer specs")
             result = await plane.sweep([LayerSpec.from_json(k) for k in keep])
             return {"unmounted": result.unmounted, "caches": result.caches, "ztocs": result.ztocs}
+        if op == "warm":
+            specs = args.get("specs")
+            if not isinstance(specs, list) or len(specs) > 1024:
+                raise ProtocolError("warm: specs must be a list of at most 1024 layer specs")
+            return await plane.warm([LayerSpec.from_json(x) for x in specs])
         handler = self._extra.get(op)
         if handler is None:
             raise ProtocolError(f"{op} is not served here")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.ranges import RangeSink
 from snapshotter.registry.reference import Reference
 
 
@@ -16,6 +17,9 @@ class RegistryRangeSource:
         self._ref = ref
         self._digest = layer_digest
 
-    async def fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """The bytes of each half-open range, in order (one request when the registry allows)."""
-        return await self._client.fetch_ranges(self._ref, self._digest, ranges)
+    async def fetch(
+        self, ranges: Sequence[tuple[int, int]], sink: RangeSink | None = None
+    ) -> list[bytes]:
+        """The bytes of each half-open range, in order (one request when the registry allows);
+        with one range, `sink` sees its bytes as they arrive."""
+        return await self._client.fetch_ranges(self._ref, self._digest, ranges, sink)

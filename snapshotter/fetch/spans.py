@@ -22,6 +22,8 @@ import copy
 import hashlib
 import logging
 import math
+import queue
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -32,7 +34,9 @@ import trio
 
 from snapshotter import metrics
 from snapshotter.compression.gzip import inflate_spans
+from snapshotter.compression.span_stream import SpanStreamInflater
 from snapshotter.errors import (
+    CompressionError,
     DigestMismatchError,
     FormatError,
     LayerClosedError,
@@ -62,15 +66,95 @@ SpanObserver = Callable[[int, bytes], None]
 thread that has them; it must not touch trio (see `SpanManager.set_span_observer`)."""
 
 
+class RangeSink(Protocol):
+    """Sees the bytes of a one-range fetch as they arrive."""
+
+    def restart(self) -> None:
+        """An attempt begins (a retry, another host): forget what was fed before."""
+        ...
+
+    def data(self, chunk: bytes) -> None:
+        """The next bytes of the range, in order."""
+        ...
+
+
 class RangeSource(Protocol):
     """Where compressed layer bytes come from (the registry, in the daemon)."""
 
-    async def fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """The bytes of each half-open range, in one request when possible.
+    async def fetch(
+        self, ranges: Sequence[tuple[int, int]], sink: RangeSink | None = None
+    ) -> list[bytes]:
+        """The bytes of each half-open range, in one request when possible; with one range,
+        `sink` sees its bytes as they arrive (the returned bytes stay the authority).
 
         Raises RegistryError subclasses, or FormatError for a malformed answer.
         """
         ...
+
+
+_RESTART: Final = object()
+_END: Final = object()
+
+
+class _StreamJob:
+    """Inflates one fetched run of gzip spans in a thread of its own while its bytes arrive
+    (it is the fetch's RangeSink). Its output is used only for spans whose compressed bytes
+    then match their digests; anything wrong in the stream just leaves no output."""
+
+    def __init__(self, zinfo: GzipZinfo, first: int, last: int, skip: int) -> None:
+        self._zinfo, self._first, self._last, self._skip = zinfo, first, last, skip
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._result: bytes | None = None
+        self._thread = threading.Thread(target=self._run, name="span-stream", daemon=True)
+        self._thread.start()
+
+    def restart(self) -> None:
+        self._queue.put(_RESTART)
+
+    def data(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def _run(self) -> None:
+        stream: SpanStreamInflater | None = None
+        skip = 0
+        try:
+            while (item := self._queue.get()) is not _END:
+                if item is _RESTART:
+                    if stream is not None:
+                        stream.close()
+                    stream, skip = (
+                        SpanStreamInflater(self._zinfo, self._first, self._last),
+                        self._skip,
+                    )
+                    continue
+                if stream is None:
+                    continue
+                chunk = memoryview(item)  # type: ignore[arg-type]
+                if skip:
+                    cut = min(skip, len(chunk))
+                    skip -= cut
+                    chunk = chunk[cut:]
+                try:
+                    stream.feed(chunk)
+                except CompressionError:
+                    stream.close()
+                    stream = None
+            if stream is not None:
+                with suppress(CompressionError):
+                    self._result = stream.finish()
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def finish(self) -> bytes | None:
+        """Wait for the thread; the inflated run, or None when the stream did not make it."""
+        self._queue.put(_END)
+        self._thread.join()
+        return self._result
+
+    def abandon(self) -> None:
+        """The fetch failed: let the thread end on its own."""
+        self._queue.put(_END)
 
 
 class SpanMemoryCache:
@@ -612,9 +696,21 @@ class SpanManager:
         for attempt in range(retries + 1):
             runs = self._coalesce(todo, self.config.max_request_bytes)
             ranges = [(self._fetch_start(a), self._zinfo.compressed_bounds(b)[1]) for a, b in runs]
-            datas = await self._request(ranges, kind)
+            job = None
+            if inflate and len(runs) == 1 and self.config.stream_inflate:
+                a, b = runs[0]
+                if isinstance(self._zinfo, GzipZinfo):
+                    skip = self._zinfo.compressed_bounds(a)[0] - ranges[0][0]
+                    job = _StreamJob(self._zinfo, a, b, skip)
+            try:
+                datas = await self._request(ranges, kind, job)
+            except BaseException:
+                if job is not None:
+                    job.abandon()
+                raise
+            streamed = None if job is None else await trio.to_thread.run_sync(job.finish)
             good, bad, inflated = await trio.to_thread.run_sync(
-                self._store_job, runs, ranges, datas, inflate
+                self._store_job, runs, ranges, datas, inflate, streamed
             )
             self._apply(good, inflated)
             if not bad:
@@ -640,7 +736,9 @@ class SpanManager:
             f"after {retries + 1} fetches"
         )
 
-    async def _request(self, ranges: list[tuple[int, int]], kind: str) -> list[bytes]:
+    async def _request(
+        self, ranges: list[tuple[int, int]], kind: str, sink: RangeSink | None = None
+    ) -> list[bytes]:
         foreground = kind == metrics.ON_DEMAND
         if foreground:
             self.activity.note_activity()
@@ -667,6 +765,8 @@ class SpanManager:
                             nursery.start_soon(one, i)
                     if errors:
                         raise errors[0]
+                elif sink is not None and len(ranges) == 1:
+                    datas = await self._source.fetch(ranges, sink)
                 else:
                     datas = await self._source.fetch(ranges)
         except trio.TooSlowError:
@@ -705,11 +805,22 @@ class SpanManager:
             ok.append(digest == self._span_digests[s])
         return ok
 
-    def _inflate(self, first: int, last: int, data: memoryview, base: int) -> dict[int, bytes]:
+    def _inflate(
+        self,
+        first: int,
+        last: int,
+        data: memoryview,
+        base: int,
+        streamed: bytes | None = None,
+    ) -> dict[int, bytes]:
+        """Spans first..last decompressed from their bytes in `data` (at `base`), or taken
+        from `streamed` (the same run, inflated while it arrived) when given."""
         c_start = self._zinfo.compressed_bounds(first)[0]
         c_end = self._zinfo.compressed_bounds(last)[1]
         chunk = data[c_start - base : c_end - base]
-        if isinstance(self._zinfo, GzipZinfo):
+        if streamed is not None:
+            plain = memoryview(streamed)
+        elif isinstance(self._zinfo, GzipZinfo):
             plain = memoryview(inflate_spans(self._zinfo, first, last, chunk))
         else:
             plain = chunk
@@ -809,7 +920,10 @@ class SpanManager:
         ranges: list[tuple[int, int]],
         datas: list[bytes],
         inflate: bool,
+        streamed: bytes | None = None,
     ) -> tuple[list[int], list[int], dict[int, bytes]]:
+        """Verify fetched runs, keep their good spans on disk and, with `inflate`, decompress
+        them (`streamed`: the one run already inflated as it arrived)."""
         good: list[int] = []
         bad: list[int] = []
         inflated: dict[int, bytes] = {}
@@ -831,7 +945,8 @@ class SpanManager:
                 if stored:
                     good.extend(range(x, y + 1))
                 if inflate:
-                    inflated.update(self._inflate(x, y, data, base))
+                    whole = streamed is not None and (x, y) == (a, b)
+                    inflated.update(self._inflate(x, y, data, base, streamed if whole else None))
             bad.extend(s for s, ok in zip(range(a, b + 1), flags, strict=True) if not ok)
         return good, bad, inflated
 

@@ -26,7 +26,7 @@ from snapshotter.registry.blobs import BlobPuller
 from snapshotter.registry.hosts import RegistryHosts
 from snapshotter.registry.manifests import ManifestPuller
 from snapshotter.registry.push import MONOLITHIC_UPLOAD_LIMIT, UPLOAD_CHUNK_SIZE, Pusher
-from snapshotter.registry.ranges import RangeFetcher
+from snapshotter.registry.ranges import RangeFetcher, RangeSink
 from snapshotter.registry.reference import Reference
 from snapshotter.registry.referrers import ReferrersReader
 from snapshotter.registry.session import RegistrySession
@@ -137,14 +137,19 @@ class RegistryClient:
     # --- ranges -------------------------------------------------------------------------
 
     async def fetch_ranges(
-        self, ref: Reference, digest: str, ranges: Sequence[tuple[int, int]]
+        self,
+        ref: Reference,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        sink: RangeSink | None = None,
     ) -> list[bytes]:
         """The bytes of half-open `[start, end)` ranges of a blob, in the order asked.
 
         Not verified against the blob digest (the caller verifies spans); every piece has
-        exactly the requested length or RegistryResponseError is raised.
+        exactly the requested length or RegistryResponseError is raised. With one range,
+        `sink` sees its bytes as they arrive.
         """
-        return await self._ranges.fetch_ranges(ref, digest, ranges)
+        return await self._ranges.fetch_ranges(ref, digest, ranges, sink)
 
     # --- push ---------------------------------------------------------------------------
 

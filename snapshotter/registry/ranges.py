@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import anyio
 
@@ -51,6 +52,19 @@ RANGE_RETRY_SECONDS = 5.0
 RANGE_RETRY_MAX = 120.0
 MAX_REMEMBERED_BLOBS = 4096
 _MULTI_RANGE_REJECTED = frozenset({400, 416, 501})
+
+
+class RangeSink(Protocol):
+    """Sees the bytes of a one-range fetch as they arrive (to work on them while the rest is
+    on its way); the fetch's return value stays the authority."""
+
+    def restart(self) -> None:
+        """An attempt begins: forget what was fed before (a retry, another host)."""
+        ...
+
+    def data(self, chunk: bytes) -> None:
+        """The next bytes of the range, in order."""
+        ...
 
 
 class _MultiRangeRejected(Exception):
@@ -123,6 +137,24 @@ def parse_multipart_byteranges(body: bytes, boundary: bytes, what: str) -> list[
     return pieces
 
 
+def _skipping(sink: RangeSink | None, skip: int) -> Callable[[bytes], None] | None:
+    """What feeds `sink` a body whose first `skip` bytes precede the range asked."""
+    if sink is None:
+        return None
+    left = skip
+
+    def feed(chunk: bytes) -> None:
+        nonlocal left
+        if left:
+            cut = min(left, len(chunk))
+            left -= cut
+            chunk = chunk[cut:]
+        if chunk:
+            sink.data(chunk)
+
+    return feed
+
+
 def _merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     merged: list[tuple[int, int]] = []
     for start, end in sorted(ranges):
@@ -176,12 +208,17 @@ class RangeFetcher:
         return wait
 
     async def fetch_ranges(
-        self, ref: Reference, digest: str, ranges: Sequence[tuple[int, int]]
+        self,
+        ref: Reference,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        sink: RangeSink | None = None,
     ) -> list[bytes]:
         """The bytes of half-open `[start, end)` ranges of a blob, in the order asked.
 
         Not verified against the blob digest (the caller verifies spans); every piece has
-        exactly the requested length or RegistryResponseError is raised.
+        exactly the requested length or RegistryResponseError is raised. With one range,
+        `sink` sees its bytes as they arrive.
         """
         validate_digest(digest)
         for start, end in ranges:
@@ -192,6 +229,8 @@ class RangeFetcher:
             return [b"" for _ in ranges]
         merged = _merge_ranges(wanted)
         what = f"blob {digest} of {ref.locator}"
+        if len(merged) != 1:
+            sink = None
 
         async def op(endpoint: Endpoint, fallback: bool) -> list[tuple[int, bytes]]:
             single = (
@@ -216,6 +255,8 @@ class RangeFetcher:
                     )
                     self._single_range_hosts.add(endpoint.url)
                     pieces = []
+            if len(merged) == 1:
+                return await self._range_request(endpoint, ref, digest, merged, fallback, sink)
             return await self._single_ranges(endpoint, ref, digest, merged, fallback)
 
         pieces = await self._session.try_endpoints(
@@ -269,8 +310,10 @@ class RangeFetcher:
         digest: str,
         ranges: list[tuple[int, int]],
         fallback: bool,
+        sink: RangeSink | None = None,
     ) -> list[tuple[int, bytes]]:
-        """One request for `ranges`; `fallback`: another host follows this one."""
+        """One request for `ranges`; `fallback`: another host follows this one; `sink` (one
+        range only) sees its bytes as they arrive."""
         what = f"blob {digest} of {ref.locator}"
         multi = len(ranges) > 1
         low, high = ranges[0][0], ranges[-1][1]
@@ -278,6 +321,8 @@ class RangeFetcher:
         header = "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in ranges)
 
         async def once() -> list[tuple[int, bytes]]:
+            if sink is not None:
+                sink.restart()
             response = await self._session.open_blob(
                 endpoint, ref, digest, "GET", {"Range": header}
             )
@@ -308,6 +353,8 @@ class RangeFetcher:
                     data, _ = await read_up_to(response, high)
                     if len(data) < high:
                         raise RegistryResponseError(f"{what}: body ended before byte {high}")
+                    if sink is not None:
+                        sink.data(data[low:high])
                     return [(0, data)]
                 content_type = response.headers.get("content-type", "")
                 if content_type.split(";", 1)[0].strip().lower() == "multipart/byteranges":
@@ -333,7 +380,9 @@ class RangeFetcher:
                             f"{what}: asked for {header[6:]}, got Content-Range"
                             f" {response.headers.get('content-range')!r}"
                         )
-                    data = await read_body(response, end - first, what)
+                    data = await read_body(
+                        response, end - first, what, _skipping(sink, low - first)
+                    )
                     if len(data) != end - first:
                         raise RegistryResponseError(
                             f"{what}: got {len(data)} bytes for Content-Range of {end - first}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
@@ -119,23 +119,35 @@ def status_error(status: int, body: bytes, what: str, host: str) -> RegistryErro
     return RegistryResponseError(f"{what}: unexpected answer from {host} ({detail})")
 
 
-async def read_up_to(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """Read at most `limit` bytes; (data, True) when the body had more."""
+async def read_up_to(
+    response: httpx.Response, limit: int, on_chunk: Callable[[bytes], None] | None = None
+) -> tuple[bytes, bool]:
+    """Read at most `limit` bytes; (data, True) when the body had more. `on_chunk` sees the
+    bytes kept as they arrive."""
     buf = bytearray()
     async for chunk in response.aiter_raw():
         room = limit - len(buf)
-        buf += chunk[:room]
+        kept = chunk[:room]
+        buf += kept
+        if on_chunk is not None and kept:
+            on_chunk(kept)
         if len(chunk) > room:
             return bytes(buf), True
     return bytes(buf), False
 
 
-async def read_body(response: httpx.Response, limit: int, what: str) -> bytes:
-    """The whole body, refusing more than `limit` bytes (Content-Length checked first)."""
+async def read_body(
+    response: httpx.Response,
+    limit: int,
+    what: str,
+    on_chunk: Callable[[bytes], None] | None = None,
+) -> bytes:
+    """The whole body, refusing more than `limit` bytes (Content-Length checked first);
+    `on_chunk` sees it as it arrives."""
     length = content_length(response, what)
     if length is not None and length > limit:
         raise RegistryResponseError(f"{what} is {length} bytes, more than the limit of {limit}")
-    data, more = await read_up_to(response, limit)
+    data, more = await read_up_to(response, limit, on_chunk)
     if more:
         raise RegistryResponseError(f"{what} is more than the limit of {limit} bytes")
     if length is not None and len(data) != length:

@@ -45,6 +45,8 @@ from snapshotter.soci import oci
 log = logging.getLogger(__name__)
 
 RESTORE_CONCURRENCY: Final = 8
+WARM_TTL: Final = 600.0
+MAX_WARMED: Final = 256
 """Layers mounted at once after a restart (each may fetch its zTOC)."""
 
 Commit = Callable[[RemoteLayer], None]
@@ -89,6 +91,8 @@ class RemoteLayers:
         self.local = local
         self._users = users
         self._locks: dict[str, trio.Lock] = {}
+        self._warmed: dict[str, float] = {}
+        """Images whose zTOCs the data plane was asked to fetch ahead, and when."""
 
     # -- locks -------------------------------------------------------------------------------
 
@@ -128,7 +132,27 @@ class RemoteLayers:
                     request.layer_digest,
                 )
                 return None
+            await self._warm(image, position)
             return await self._serve(image, plan_layer(image, position), key, commit)
+
+    async def _warm(self, image: ResolvedImage, position: int) -> None:
+        """At an image's first Prepare, have the data plane fetch the zTOCs of its other lazy
+        layers at once: containerd prepares the layers one after another."""
+        now = trio.current_time()
+        self._warmed = {d: t for d, t in self._warmed.items() if now - t < WARM_TTL}
+        if image.manifest_digest in self._warmed or len(self._warmed) >= MAX_WARMED:
+            return
+        self._warmed[image.manifest_digest] = now
+        specs = []
+        for i in range(len(image.manifest.layers)):
+            spec = plan_layer(image, i).spec
+            if i != position and spec is not None:
+                specs.append(spec)
+        if specs:
+            try:
+                await self.plane.warm(specs)
+            except PysociError as e:  # an optimisation: the mounts fetch what it did not
+                log.info("could not warm the zTOCs of %s: %s", image.ref, e)
 
     async def prepare_image(
         self,

@@ -653,3 +653,49 @@ def test_multipart_parser_rejects_lies() -> None:
         with pytest.raises(RegistryResponseError):
             parse_multipart_byteranges(bad, b"B", "x")
     assert hashlib  # keep import used
+
+
+class RecordingSink:
+    """A RangeSink keeping what the fetch fed it since its last restart."""
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self.fed = bytearray()
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.fed.clear()
+
+    def data(self, chunk: bytes) -> None:
+        self.fed += chunk
+
+
+async def test_a_one_range_fetch_streams_to_its_sink(
+    registry: Registry, client: RegistryClient
+) -> None:
+    """The span manager inflates a span while it arrives: the sink sees exactly the range's
+    bytes, in order; with several ranges it is not used."""
+    ref = parse_reference(f"{registry.host}/pysoci/stream:x")
+    data = os.urandom(3 << 20)
+    digest = digest_of(data)
+    await client.push_blob(ref, digest, len(data), chunks(data))
+    sink = RecordingSink()
+    assert await client.fetch_ranges(ref, digest, [(1000, 2_500_000)], sink) == [
+        data[1000:2_500_000]
+    ]
+    assert sink.restarts == 1 and bytes(sink.fed) == data[1000:2_500_000]
+    other = RecordingSink()
+    await client.fetch_ranges(ref, digest, [(0, 10), (100, 200)], other)
+    assert other.restarts == 0 and not other.fed
+
+
+async def test_a_retried_range_restarts_its_sink(
+    faulty: FaultyServer, fclient: RegistryClient
+) -> None:
+    """A connection reset after half the body: the retry restarts the sink, which then holds
+    the range once, not the broken half followed by the whole."""
+    digest = faulty.add_blob(BLOB, Script(resets=1))
+    ref = parse_reference(f"{faulty.host}/faulty/repo:x")
+    sink = RecordingSink()
+    assert await fclient.fetch_ranges(ref, digest, [(100, 90_000)], sink) == [BLOB[100:90_000]]
+    assert sink.restarts == 2 and bytes(sink.fed) == BLOB[100:90_000]

@@ -545,3 +545,43 @@ async def test_span_observer_sees_every_decompressed_span(tmp_path: Path) -> Non
         for start, data in seen.items():
             assert data == lay.tar[start : start + len(data)]
     assert threads == {False}  # always in a worker thread, never trio's
+
+
+@pytest.mark.parametrize("kind", ["gzip", "pigz"])
+async def test_a_read_is_served_from_the_span_inflated_while_it_arrived(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One run fetched for a read is inflated from its stream: inflating it again after it
+    arrived would fail here, and the bytes are right."""
+    lay = layer(kind)
+    source = BlobRangeSource(lay.blob)
+    async with open_manager(lay, source, tmp_path) as m:
+
+        def no_second_inflate(*args: object) -> bytes:
+            raise AssertionError("inflated after it arrived")
+
+        monkeypatch.setattr("snapshotter.fetch.spans.inflate_spans", no_second_inflate)
+        for off in (0, len(lay.tar) // 2, len(lay.tar) - 5000):
+            assert await m.read(off, 4000) == lay.tar[off : off + 4000]
+        assert source.streamed >= 3
+
+
+async def test_a_corrupt_stream_is_never_served(tmp_path: Path) -> None:
+    """The stream's output counts only once the span digests match: a flipped byte makes the
+    run fetched again, and what the reader gets is the layer's."""
+    lay = layer("gzip")
+    source = BlobRangeSource(lay.blob)
+    source.corrupt_next = 1
+    async with open_manager(lay, source, tmp_path) as m:
+        off = len(lay.tar) // 3
+        assert await m.read(off, 70_000) == lay.tar[off : off + 70_000]
+        assert source.request_count == 2 and m.digest_mismatches >= 1
+
+
+async def test_stream_inflate_can_be_turned_off(tmp_path: Path) -> None:
+    lay = layer("gzip")
+    source = BlobRangeSource(lay.blob)
+    config = fetch_config(readahead_spans=0, stream_inflate=False)
+    async with open_manager(lay, source, tmp_path, config=config) as m:
+        assert await m.read(1000, 10) == lay.tar[1000:1010]
+    assert source.streamed == 0

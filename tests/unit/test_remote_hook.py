@@ -647,3 +647,36 @@ def test_unreadable_local_store_is_skipped(rig: Rig, caplog: pytest.LogCaptureFi
     assert rig.prepare(labels_for(f"{HOST}/a:v1", manifest.layers[0].digest)) is None
     assert "has no SOCI index" in caplog.text
     assert "local content store" in caplog.text and "not using it" in caplog.text
+
+
+def test_first_prepare_fetches_the_other_layers_ztocs_at_once(rig: Rig) -> None:
+    """containerd prepares an image's layers one after another: at the first, the data plane
+    fetches every other layer's zTOC at once, and their mounts use those (asked for once)."""
+    manifest = push_image(rig, "a", [big_layer(1), big_layer(2), big_layer(3)])
+    (built,) = LayoutIndexer(rig.repo("a"), OPTIONS).create("v1")
+    ztocs = [built.index.ztoc_for_layer(layer.digest) for layer in manifest.layers]
+    assert all(z is not None for z in ztocs)
+
+    async def main() -> list[int]:
+        layers = rig.layers()
+        plane = cast(LocalDataPlane, layers.plane)
+        async with trio.open_nursery() as nursery:
+            plane.attach(nursery)
+            remote = rig.remote(layers)
+            await rig.prepare_on(
+                remote, labels_for(f"{HOST}/a:v1", manifest.layers[0].digest), "k0"
+            )
+            with trio.fail_after(10):
+                while sum(rig.registry.asked_for(z.digest) for z in ztocs if z) < 3:
+                    await trio.sleep(0.01)
+            for i in (1, 2):
+                labels = labels_for(f"{HOST}/a:v1", manifest.layers[i].digest)
+                await rig.prepare_on(remote, labels, f"k{i}")
+            nursery.cancel_scope.cancel()
+        return [
+            sum(1 for kind, _, obj in rig.registry.requests if z is not None and obj == z.digest)
+            for z in ztocs
+        ]
+
+    assert trio.run(main) == [1, 1, 1]
+    assert len(rig.lazy.mounts) == 3
