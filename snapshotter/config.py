@@ -188,6 +188,9 @@ class FetchTuningConfig:
     background_rate_limit: int = 0
     """Bytes per second for the whole daemon's background fetching; 0: unlimited."""
     background_preempt: bool = True
+    miss_readahead_spans: int = 2
+    """Spans loaded ahead of a reader whose network misses walk forward through the layer
+    (the next span missed lies just after the previous one); 0: only what is read."""
     stream_inflate: bool = True
     """Inflate a span while it downloads (served only once its digest checked); false:
     after it arrived."""
@@ -370,6 +373,7 @@ def fetch_config(config: Config | None = None, **overrides: Any) -> FetchConfig:
         background_request_bytes=tune.background_request_bytes,
         background_rate_limit=tune.background_rate_limit,
         background_preempt=tune.background_preempt,
+        miss_readahead_spans=tune.miss_readahead_spans,
         stream_inflate=tune.stream_inflate,
         prefetch_connections=tune.prefetch_connections,
         prefetch_request_bytes=tune.prefetch_request_bytes,

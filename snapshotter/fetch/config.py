@@ -52,6 +52,8 @@ class FetchConfig:
     """Background bytes per second for the whole daemon; 0 means unlimited."""
     background_preempt: bool
     """Cancel in-flight background requests when a foreground read starts waiting."""
+    miss_readahead_spans: int
+    """Spans loaded ahead of a reader whose network misses walk forward."""
     stream_inflate: bool
     """Inflate a fetched span while its bytes arrive (a foreground read of one run)."""
     prefetch_connections: int

@@ -384,6 +384,7 @@ class SpanManager:
         self._idle = trio.lowlevel.ParkingLot()
         self._fill_scopes: set[trio.CancelScope] = set()
         self._prev_end = -1
+        self._last_miss = -1
         self._bg_cursor = 0
         self._prefetch: deque[int] = deque()
         self._prefetch_queued: set[int] = set()
@@ -548,6 +549,8 @@ class SpanManager:
                 fresh = [s for s in want if s not in self._pending]
                 if fresh:
                     self._start_load(fresh, inflate=True)
+                    if round_ == 0:
+                        self._follow_misses([s for s in fresh if self._state[s] == ABSENT], last)
             if round_ == 0 and sequential:
                 self._readahead(last + 1, ahead_stop)
             if not want:
@@ -584,6 +587,27 @@ class SpanManager:
             if network:
                 self._waiting -= 1
                 self.activity.end_wait()
+
+    def _follow_misses(self, missed: list[int], last: int) -> None:
+        """A reader whose misses walk forward through the layer (an `import` of a package
+        whose files lie next to each other in the tar) gets the next spans loaded ahead:
+        `miss_readahead_spans` of them, in one request beside its own. A reader that jumps
+        around gets nothing more than it asked for."""
+        if not missed:
+            return
+        ahead = self.config.miss_readahead_spans
+        if ahead and self._last_miss >= 0 and 0 < missed[0] - self._last_miss <= 2:
+            todo = [
+                s
+                for s in range(last + 1, min(last + 1 + ahead, len(self._state)))
+                if self._state[s] == ABSENT
+                and s not in self._pending
+                and (self.digest, s) not in self._memory
+            ]
+            if todo:
+                self._start_load(todo, inflate=True)
+                missed = [*missed, *todo]
+        self._last_miss = missed[-1]
 
     def _readahead(self, start: int, limit: int) -> None:
         todo: list[int] = []

@@ -585,3 +585,27 @@ async def test_stream_inflate_can_be_turned_off(tmp_path: Path) -> None:
     async with open_manager(lay, source, tmp_path, config=config) as m:
         assert await m.read(1000, 10) == lay.tar[1000:1010]
     assert source.streamed == 0
+
+
+async def test_misses_walking_forward_load_the_next_spans(tmp_path: Path) -> None:
+    lay = layer("gzip")
+    z = zinfo(lay)
+    config = fetch_config(readahead_spans=0, miss_readahead_spans=2)
+    source = BlobRangeSource(lay.blob)
+    async with open_manager(lay, source, tmp_path, config=config) as m:
+        # A reader that jumps around gets what it asked for, nothing more.
+        for s in (9, 3):
+            lo = z.uncompressed_bounds(s)[0]
+            await m.read(lo, 10)
+        assert m.status()["spansFetched"] == 2
+        # Then a miss just after the last one: the next two spans come along.
+        lo = z.uncompressed_bounds(4)[0]
+        await m.read(lo, 10)
+        with trio.fail_after(5):
+            while m.status()["spansFetched"] < 5:
+                await trio.sleep(0.01)
+        requests = source.request_count
+        for s in (5, 6):
+            lo = z.uncompressed_bounds(s)[0]
+            assert await m.read(lo, 10) == lay.tar[lo : lo + 10]
+        assert source.request_count == requests  # already there
