@@ -18,7 +18,13 @@ containerd's applier.
 
 containerd skips Prepare for a layer chain it already has, so every test removes the images
 it pulled (`ctr images rm --sync`, which also makes containerd remove the snapshots, so that
-the snapshotter drops the layer and its cache).
+the snapshotter drops the layer and its cache; the next pull through pysoci checks it did).
+Container ids are used once; `ctr run` keeps runc's state in each containerd's own directory;
+the teardown ends what a failed test left running and then checks that no process and no
+mount of the module's scratch directory is left.
+
+Prefetch: pysoci parses soci's prefetch artifacts (test_soci_prefetch_artifacts_parse_in_pysoci)
+and serves the indexes that carry them, but does not fetch ahead with them yet.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -41,15 +48,21 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.soci.index import parse_prefetch
+from snapshotter.soci.index import MEDIA_TYPE_PREFETCH, parse_prefetch, parse_soci_index
 from snapshotter.soci.zinfo import decode_tar_zinfo, decode_zinfo
 from snapshotter.soci.ztoc import Ztoc, decode_ztoc
 from tests.fixtures import gotools
-from tests.fixtures.containerd import Containerd, Pysoci, start_containerd
+from tests.fixtures.containerd import (
+    Containerd,
+    Pysoci,
+    layer_status,
+    layer_statuses,
+    start_containerd,
+)
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.images import GZIP_LAYER, TAR_LAYER, Layer, pigz_blob, write_image
 from tests.fixtures.registry import Registry, start_registry
-from tests.fixtures.soci import PREPARED, SociNode, start_soci_node
+from tests.fixtures.soci import PREPARED, SociNode, leftovers, reap_tasks, start_soci_node
 from tests.integration.test_containerd import TREE
 
 PYSOCI = str(Path(sys.executable).with_name("pysoci"))
@@ -257,6 +270,29 @@ def _pysoci(*args: str, timeout: float = 600) -> str:
     return res.stdout
 
 
+_ids = itertools.count()
+
+
+def _tree_run(ref: str) -> tuple[str, ...]:
+    """`ctr run` arguments that print the TREE of `ref` through the soci snapshotter."""
+    return (
+        "run",
+        "--rm",
+        "--snapshotter",
+        "soci",
+        ref,
+        _cid("tree"),
+        "/usr/bin/python3",
+        "-c",
+        TREE,
+    )
+
+
+def _cid(what: str) -> str:
+    """A container id used once in this run (a failed `ctr run --rm` leaves its container)."""
+    return f"{what}-{os.getpid()}-{next(_ids)}"
+
+
 def _entries(lines: list[str]) -> dict[str, tuple[object, ...]]:
     return {e[0]: e for e in map(ast.literal_eval, lines)}
 
@@ -289,8 +325,19 @@ def _applied_window(images: Images) -> range:
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("soci-interop")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The module's scratch directory; once every fixture under it is torn down, no process
+    names it and nothing is mounted under it (pysoci's data plane, soci's FUSE mounts,
+    containerd's shims and rootfs mounts)."""
+    path = tmp_path_factory.mktemp("soci-interop")
+    yield path
+    left = leftovers(path)
+    for _ in range(50):  # processes that were signalled may take a moment to exit
+        if not left:
+            break
+        time.sleep(0.1)
+        left = leftovers(path)
+    assert not left, left
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +363,9 @@ def rig(tmp: Path, registry: Registry) -> Iterator[tuple[Pysoci, Containerd]]:
     try:
         yield pysoci, cd
     finally:
+        reap_tasks(cd.ctr)
         cd.stop()
-        pysoci.stop()
+        pysoci.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -340,8 +388,8 @@ def images(tmp: Path, registry: Registry, rig: tuple[Pysoci, Containerd]) -> Ima
         cd.ctr("image", "pull", "--plain-http", ref)  # containerd's own overlayfs
         if repo == "tarl":
             applied = (start, time.time())
-        out = cd.ctr("run", "--rm", ref, f"full-{repo}", "/usr/bin/python3", "-c", TREE).stdout
-        trees[ref] = out.splitlines()
+        out = cd.ctr("run", "--rm", ref, _cid(f"full-{repo}"), "/usr/bin/python3", "-c", TREE)
+        trees[ref] = out.stdout.splitlines()
         cd.ctr("image", "rm", "--sync", ref)
     return Images(
         registry,
@@ -429,17 +477,27 @@ def pysoci_built(tmp: Path, images: Images) -> PysociBuilt:
 def test_ztocs_agree_on_checkpoints_and_uncompressed_size(
     images: Images, soci_built: SociBuilt, pysoci_built: PysociBuilt
 ) -> None:
-    """Same layers, two builders: the same spans (checkpoints and span digests byte for byte)
-    and the same uncompressed size, soci's: where Go's archive/tar stops reading (past the
-    end-of-archive blocks, not the record padding): 267441664 of the Debian layer's
-    267448320-byte tar. pysoci's zTOC is the smaller (its strings are shared)."""
+    """Same layers, two builders: the same spans (checkpoints and span digests byte for byte),
+    the same entries (every field), and the same uncompressed size, soci's: where Go's
+    archive/tar stops reading (past the end-of-archive blocks, not the record padding):
+    267441664 of the Debian layer's 267448320-byte tar. pysoci's zTOC blob is the smaller
+    (its strings are shared)."""
     reg = images.reg
     soci = _ztocs_of(reg, "tarl", soci_built.tarl_v1_index)
     ours = _ztocs_of(reg, "ptar", pysoci_built.v1_index)
+    sizes = {
+        repo: {
+            d["annotations"]["com.amazon.soci.image-layer-digest"]: d["size"]
+            for d in _manifest(reg, repo, index)[1]["layers"]  # type: ignore[attr-defined]
+            if d["mediaType"] == "application/octet-stream"
+        }
+        for repo, index in (("tarl", soci_built.tarl_v1_index), ("ptar", pysoci_built.v1_index))
+    }
     base_tar = rootfs_tar().read_bytes()
     for layer, tar in ((images.base, base_tar), (images.tar, _tar_layer())):
         digest = "sha256:" + hashlib.sha256(layer.blob).hexdigest()
         s, p = soci[digest], ours[digest]
+        assert sizes["ptar"][digest] < sizes["tarl"][digest]
         assert s.uncompressed_archive_size == p.uncompressed_archive_size == _go_archive_end(tar)
         assert s.uncompressed_archive_size < len(tar)
         assert s.compressed_archive_size == p.compressed_archive_size == len(layer.blob)
@@ -449,10 +507,8 @@ def test_ztocs_agree_on_checkpoints_and_uncompressed_size(
         else:  # a TarZinfo flatbuffer: the same fields (the builders lay them out apart)
             sz, pz = (decode_tar_zinfo(z.checkpoints) for z in (s, p))
             assert (sz.version, sz.span_size, sz.size) == (pz.version, pz.span_size, pz.size)
-            assert sz.size == len(layer.blob)
-        assert [(f.name, f.uncompressed_offset) for f in s.files] == [
-            (f.name, f.uncompressed_offset) for f in p.files
-        ]
+            assert (sz.version, sz.size) == (2, len(layer.blob))
+        assert len(s.files) > 5 and list(s.files) == list(p.files)
     base = "sha256:" + hashlib.sha256(images.base.blob).hexdigest()
     assert (soci[base].uncompressed_archive_size, len(base_tar)) == (267441664, 267448320)
     # pysoci's v1 and v2 of the same image share their zTOC blobs.
@@ -461,11 +517,47 @@ def test_ztocs_agree_on_checkpoints_and_uncompressed_size(
     assert v1["layers"] == v2["layers"]
 
 
+def test_v2_images_name_their_index_where_soci_looks(
+    images: Images, soci_built: SociBuilt, pysoci_built: PysociBuilt
+) -> None:
+    """soci >= 0.16 reads the index digest from the platform manifest's annotations (a digest
+    without a size: it logs `size of descriptor is 0, trying to resolve it...` for every v2
+    image). Both builders write it there; soci also copies it onto the manifest's entry in
+    the image index, pysoci does not."""
+    reg = images.reg
+    for repo, tag, index, copied in (
+        ("tarl", "soci-pf", _v2_index(reg, "tarl", "soci-pf"), True),
+        ("ptar", "pysoci", pysoci_built.v2_index, False),
+    ):
+        _, top = _manifest(reg, repo, tag)
+        (entry,) = [
+            m
+            for m in top["manifests"]  # type: ignore[attr-defined]
+            if m.get("artifactType") != "application/vnd.amazon.soci.index.v2+json"
+        ]
+        _, manifest = _manifest(reg, repo, entry["digest"])
+        assert manifest["annotations"]["com.amazon.soci.index-digest"] == index  # type: ignore[index]
+        on_entry = entry.get("annotations", {}).get("com.amazon.soci.index-digest")
+        assert on_entry == (index if copied else None), (repo, entry)
+
+
+def test_containerd_gives_implied_directories_the_unpack_time(images: Images) -> None:
+    """The baseline the trees are compared with: containerd's applier makes a directory the
+    tar layer only implies when it unpacks the layer, so its mtime is the time of the unpack
+    (pysoci: the layer's newest mtime; soci: year 1)."""
+    full = _entries(images.full_trees[images.tarl])
+    window = _applied_window(images)
+    for path in IMPLICIT:
+        assert full[path][4] in window, (path, full[path][4], images.applied)
+
+
 def test_soci_prefetch_artifacts_parse_in_pysoci(images: Images, soci_built: SociBuilt) -> None:
     """soci's `--prefetch-file` makes one prefetch artifact per layer holding a listed file,
-    which pysoci parses. soci v0.16.1 matches the names the zTOC keeps raw, so a file of a
-    layer whose tar names start with "./" (the Debian layer, as `tar -C dir .` writes it)
-    is never found: soci says so and writes no artifact for that layer."""
+    which pysoci's index and artifact parsers read as soci wrote it: listed after the zTOCs,
+    `{"version":"1.0","prefetch_spans":[{"start_span":A,"end_span":B}]}` (no priority),
+    B = the span of the file's offset + size. soci v0.16.1 matches the names the zTOC keeps
+    raw, so a file of a layer whose tar names start with "./" (the Debian layer, as
+    `tar -C dir .` writes it) is never found: soci says so and writes no artifact for it."""
     reg = images.reg
     tar_digest = "sha256:" + hashlib.sha256(images.tar.blob).hexdigest()
     ztoc = _ztocs_of(reg, "tarl", soci_built.tarl_v1_index)[tar_digest]
@@ -479,21 +571,31 @@ def test_soci_prefetch_artifacts_parse_in_pysoci(images: Images, soci_built: Soc
     want = (
         zinfo.span_of(data.uncompressed_offset),
         # soci: the span of offset + size (one past the file's last byte)
-        (data.uncompressed_offset + data.uncompressed_size) // zinfo.span_size,
+        zinfo.span_of(data.uncompressed_offset + data.uncompressed_size),
     )
+    assert want == (0, 3)  # 12 MiB from near the layer's start, 4 MiB spans
     indexes = [("tarl", soci_built.tarl_v1_index), ("tarl", _v2_index(reg, "tarl", "soci-pf"))]
+    artifacts = set()
     for repo, index in indexes:
+        code, raw_index = _registry_get(reg, f"{repo}/manifests/{index}", MANIFEST_TYPES)
+        assert code == 200
+        parsed = parse_soci_index(raw_index)
+        assert len(parsed.ztocs) == 2 and len(parsed.prefetches) == 1
         _, manifest = _manifest(reg, repo, index)
-        prefetches = [
-            d
-            for d in manifest["layers"]  # type: ignore[attr-defined]
-            if d["mediaType"] == "application/vnd.amazon.soci.prefetch.v1+json"
-        ]
-        assert [d["annotations"]["com.amazon.soci.image-layer-digest"] for d in prefetches] == [
-            tar_digest
-        ]
-        artifact = parse_prefetch(_blob(reg, repo, prefetches[0]["digest"]), tar_digest)
-        assert [(s.start_span, s.end_span) for s in artifact.spans] == [want]
+        assert manifest["layers"][-1]["mediaType"] == MEDIA_TYPE_PREFETCH  # type: ignore[index]
+        base = "sha256:" + hashlib.sha256(images.base.blob).hexdigest()
+        assert parsed.prefetch_for_layer(base) is None
+        desc = parsed.prefetch_for_layer(tar_digest)
+        assert desc is not None
+        raw = _blob(reg, repo, desc.digest)
+        assert json.loads(raw) == {
+            "version": "1.0",
+            "prefetch_spans": [{"start_span": want[0], "end_span": want[1]}],
+        }
+        artifact = parse_prefetch(raw, tar_digest)
+        assert [(s.start_span, s.end_span, s.priority) for s in artifact.spans] == [(*want, 0)]
+        artifacts.add(desc.digest)
+    assert len(artifacts) == 1, "create (v1) and convert (v2) write the same artifact"
     for output in (soci_built.create_pf_output, soci_built.convert_pf_output):
         assert "prefetch file usr/bin/python3.11 not found in any layer" in output
 
@@ -514,6 +616,9 @@ def _pysoci_pull_and_check(
     tree against the full unpack; the images are removed again. Returns the fetched bytes
     of the base layer after the workload, and pysoci's log of this pull."""
     pysoci, cd = rig
+    base = "sha256:" + hashlib.sha256(images.base.blob).hexdigest()
+    served = [lid for lid, s in layer_statuses(pysoci.root).items() if s.get("digest") == base]
+    assert not served, f"the last test's image removal left {served} mounted"
     log_start = pysoci.log.stat().st_size
     nerd = ["--snapshotter", "soci", "--insecure-registry"]
     try:
@@ -524,25 +629,19 @@ def _pysoci_pull_and_check(
             "--snapshotter",
             "soci",
             ref,
-            "workload",
+            _cid("workload"),
             "/usr/bin/python3",
             "-c",
             WORKLOAD,
         ).stdout
         assert out.strip() == "ready"
-        base = "sha256:" + hashlib.sha256(images.base.blob).hexdigest()
-        statuses = [
-            json.loads(p.read_text()) for p in (pysoci.root / "fuse" / ".status").glob("*.json")
-        ]
-        status = next(s for s in statuses if s["digest"] == base)
+        status = layer_status(pysoci.root, base)
         fetched = int(status["fetchedSize"])
         assert 0 < fetched < status["size"] / 2, status
         if workload_baseline is not None:
             assert fetched == workload_baseline, "the same reads fetch the same spans"
         if tree:
-            lines = cd.ctr(
-                "run", "--rm", "--snapshotter", "soci", ref, "tree", "/usr/bin/python3", "-c", TREE
-            ).stdout.splitlines()
+            lines = cd.ctr(*_tree_run(ref)).stdout.splitlines()
             implicit: dict[str, object] = (
                 {p: M2_NS for p in IMPLICIT} if full_ref == images.tarl else {}
             )
@@ -652,11 +751,13 @@ def _soci_pull_and_check(
             *nerd, "run", "--rm", "--net", "none", ref, "/usr/bin/python3", "-c", WORKLOAD
         ).stdout
         assert out.strip() == "ready"
-        tree = node.ctr(
-            "run", "--rm", "--snapshotter", "soci", ref, "tree", "/usr/bin/python3", "-c", TREE
-        ).stdout.splitlines()
+        tree = node.ctr(*_tree_run(ref)).stdout.splitlines()
         implicit: dict[str, object] = {p: GO_ZERO_TIME_NS for p in IMPLICIT}
         _assert_tree(images.full_trees[images.tarl], tree, "soci", implicit)
+        content = node.ctr("content", "ls", "-q").stdout.split()
+        for layer in (images.base, images.tar):
+            digest = "sha256:" + hashlib.sha256(layer.blob).hexdigest()
+            assert digest not in content, f"containerd 1.7 downloaded {digest}"
         while_pulled()
         return node.log_since(start)
     finally:
@@ -757,10 +858,12 @@ def test_pysoci_v1_index_needs_soci_v1_enabled(
         log = node.log_since(start)
         assert PREPARED not in log
         content = node.ctr("content", "ls", "-q").stdout.split()
-        assert "sha256:" + hashlib.sha256(images.tar.blob).hexdigest() in content
+        for layer in (images.base, images.tar):
+            assert "sha256:" + hashlib.sha256(layer.blob).hexdigest() in content
     finally:
         node.ctr("image", "rm", "--sync", pysoci_built.v1_ref, check=False)
     node.start_snapshotter(soci_v1=True)
+    reg_log_start = images.reg.log.stat().st_size
     log = _soci_pull_and_check(
         node,
         images,
@@ -769,6 +872,10 @@ def test_pysoci_v1_index_needs_soci_v1_enabled(
     )
     _assert_prepared_lazily(log)
     assert pysoci_built.v1_index in log
+    access = images.reg.log.read_text()[reg_log_start:]
+    hexpart = images.tarl_manifest.split(":")[1]
+    assert re.search(rf'"GET /v2/ptar/referrers/sha256:{hexpart}[^"]*" 404', access)
+    assert re.search(rf'"GET /v2/ptar/manifests/sha256-{hexpart} [^"]*" 200', access)
 
 
 def test_pysoci_create_says_where_it_stored(tmp: Path, pysoci_built: PysociBuilt) -> None:
