@@ -38,6 +38,8 @@ class _Warming:
 
     def __init__(self) -> None:
         self._done = trio.Event()
+        self.taken = trio.Event()
+        """Set when the mount took the result: the warming holds nothing from then on."""
         self._ztoc: Ztoc | None = None
         self._error: Exception | None = None
 
@@ -49,12 +51,16 @@ class _Warming:
         self._error = error
         self._done.set()
 
-    async def result(self) -> Ztoc:
+    async def take(self) -> Ztoc:
+        """The zTOC (once fetched), handed over: the warming lets go of it."""
         await self._done.wait()
-        if self._ztoc is None:
-            assert self._error is not None
-            raise self._error
-        return self._ztoc
+        ztoc, error = self._ztoc, self._error
+        self._ztoc = self._error = None
+        self.taken.set()
+        if ztoc is None:
+            assert error is not None
+            raise error
+        return ztoc
 
 
 class LocalDataPlane:
@@ -105,7 +111,7 @@ class LocalDataPlane:
         ref = parse_reference(spec.image_ref)
         warming = self._warming.pop(spec.ztoc_digest, None)
         if warming is not None:
-            ztoc = await warming.result()
+            ztoc = await warming.take()
         else:
             ztoc = await self._fetch_ztoc(spec)
         if ztoc.compressed_archive_size != spec.layer_size:
@@ -153,7 +159,7 @@ class LocalDataPlane:
         except Exception as exc:  # the mount asks again and reports it
             pending.fail(exc)
         with trio.move_on_after(WARM_TTL):
-            await trio.sleep_forever()
+            await pending.taken.wait()
         if self._warming.get(spec.ztoc_digest) is pending:
             del self._warming[spec.ztoc_digest]  # never mounted: drop the decoded zTOC
 

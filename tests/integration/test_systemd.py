@@ -39,6 +39,7 @@ import pytest
 
 from snapshotter import config as config_mod
 from snapshotter import labels as names
+from snapshotter import mountinfo
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.daemon import DEFAULT_ADDRESS
@@ -312,6 +313,18 @@ class ActivatedPysoci:
         self.data_notify.close()
         with open(self.log, "a") as f:
             f.write(f"\n[test] daemon exit codes: {self.exits}\n")
+
+
+def _unmount_under(path: Path) -> None:
+    """Detach whatever a failed run left mounted under path, deepest first, so that pytest can
+    remove its directory (a dead FUSE mount answers ENOTCONN to everything)."""
+    mounts = [
+        Path(m.mount_point)
+        for m in mountinfo.mount_table()
+        if Path(m.mount_point).is_relative_to(path)
+    ]
+    for m in sorted(mounts, key=lambda p: len(p.parts), reverse=True):
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)
 
 
 def _running(pid: int) -> bool:
@@ -645,9 +658,12 @@ def test_units_keep_a_containers_lazy_layer_across_restart_and_reload(tmp_path: 
         assert lower and [o for o in mount2.options if o.startswith("lowerdir=")] == lower
     finally:
         stop.set()
+        if "thread" in locals():
+            thread.join(30)  # a read in flight keeps the overlay busy
         subprocess.run(["umount", str(target)], capture_output=True)
         daemon.stop()
         reg.stop()
+        _unmount_under(tmp_path)
     assert errors == [], errors[:5]
     print(f"{reads[0]} reads across the restart and the reload, none failed")
     deadline = time.monotonic() + 30
