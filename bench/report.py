@@ -101,6 +101,7 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "warm": warm,
                     "cpu": [r.get("daemon_cpu_s", 0.0) for r in runs],
                     "cpu_ready": [r.get("daemon_cpu_ready_s", 0.0) for r in runs],
+                    "cpu_warm": [r.get("daemon_cpu_warm_s", 0.0) for r in runs],
                     "rss": [r.get("daemon_rss_peak", 0) for r in runs],
                     "parts_cpu": _parts(runs, "daemon_parts_cpu_s"),
                     "parts_rss": _parts(runs, "daemon_parts_rss_peak"),
@@ -150,8 +151,9 @@ def daemon_table(rows: list[dict[str, Any]]) -> str:
     """CPU and memory of the snapshotter daemons, pysoci and soci side by side."""
     lines = [
         "| network | image | mode | daemon CPU s to ready | daemon CPU s to exit | MB served "
-        "| CPU s per MB served | peak RSS, MiB | per process: CPU s, peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU s per MB served | peak RSS, MiB | per process: CPU s, peak RSS MiB "
+        "| CPU s of the warm start |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["mode"] not in LAZY or not r["ready"]:
@@ -171,6 +173,7 @@ def daemon_table(rows: list[dict[str, Any]]) -> str:
             f"{cpu / total:.4f}" if total else "–",
             f"{_med(r['rss']) / 2**20:.0f} ({max(r['rss']) / 2**20:.0f} max)",
             parts or str(r["procs"]),
+            _span(r["cpu_warm"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

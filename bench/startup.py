@@ -373,6 +373,8 @@ class RunResult:
     """The snapshotter daemon's process tree, pull start → container exit."""
     daemon_cpu_ready_s: float = 0.0
     """The same, pull start → ready."""
+    daemon_cpu_warm_s: float = 0.0
+    """The same during the warm run (everything in the daemon's cache and the page cache)."""
     daemon_rss_peak: int = 0
     daemon_procs: int = 0
     daemon_parts_cpu_s: dict[str, float] = field(default_factory=dict)
@@ -529,8 +531,11 @@ def cold_run(
         res.containerd_cpu_s = usage.cpu_seconds(node.containerd_pid()) - cd_cpu0
         res.extra["ready_line"] = next((x for x in c.output if wl.is_ready(x)), "")
         if warm:
+            mon = usage.Monitor(pids)
             t1 = time.perf_counter()
             res.warm_s = start_and_wait(node, ref, "warm", spec.lazy, wl) - t1
+            res.daemon_cpu_warm_s = mon.stop().cpu_s
+            mon = None
         return res
     finally:
         if mon is not None:
@@ -751,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"(pull {res.pull_s:.2f}), {res.bytes_at_ready / 1e6:.1f} MB at "
                             f"ready, {res.bytes_total / 1e6:.1f} MB total, warm "
                             f"{res.warm_s:.2f} s, daemon {res.daemon_cpu_s:.2f} CPU s "
+                            f"(warm {res.daemon_cpu_warm_s:.2f}) "
                             f"{res.daemon_rss_peak / 2**20:.0f} MiB peak "
                             f"(load {res.extra.get('loadavg_before', 0):.1f}) {res.error[:200]}"
                         )
