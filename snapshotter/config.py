@@ -203,6 +203,41 @@ class FetchTuningConfig:
 
 
 @dataclass(frozen=True)
+class PrefetchConfig:
+    """`[prefetch]`: fetching a layer's known start at its mount, and recording starts."""
+
+    enable: bool = True
+    """Fetch the spans of a layer's SOCI prefetch artifact at once when it is mounted (soci's
+    key; soci's default is false: pysoci fetches them without holding up the mount)."""
+    use_recordings: bool = True
+    """Fetch the spans this node recorded for the same image and layer instead (pysoci's)."""
+    record: bool = True
+    """Record which spans and files containers read, per image manifest and layer, under
+    ROOT/prefetch (pysoci's keys from here on)."""
+    quiet_period_sec: int = 10
+    """A recording ends once nothing new was read for this long: longer than the pauses
+    inside a start (interpreter start, imports, library and device initialisation), short of
+    what a notebook waiting for its user or a job in its main loop leaves."""
+    max_record_sec: int = 300
+    """... or this long after the layer's first read, however busy it is."""
+    max_spans_per_layer: int = 65536
+    max_files_per_layer: int = 20000
+    """File names kept per layer (later files' spans are still recorded)."""
+    max_images: int = 100
+    """Recorded images kept; past it, or past max_bytes, the least recently updated go."""
+    max_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.quiet_period_sec < 1 or self.max_record_sec < 1:
+            raise ConfigError("prefetch: quiet_period_sec and max_record_sec must be positive")
+        if self.max_spans_per_layer < 1 or self.max_images < 1 or self.max_bytes < 4096:
+            raise ConfigError(
+                "prefetch: max_spans_per_layer and max_images must be positive, max_bytes at "
+                "least 4096"
+            )
+
+
+@dataclass(frozen=True)
 class PullModeConfig:
     """`[pull_modes.soci_v1]` / `[pull_modes.soci_v2]`."""
 
@@ -239,6 +274,7 @@ class Config:
     unpack: UnpackConfig = field(default_factory=UnpackConfig)
     fetch: FetchTuningConfig = field(default_factory=FetchTuningConfig)
     pull_modes: PullModesConfig = field(default_factory=PullModesConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
     def __post_init__(self) -> None:
         if self.metrics_network not in ("tcp", "unix"):

@@ -269,15 +269,20 @@ class PrefetchArtifact:
         object.__setattr__(self, "spans", tuple(self.spans))
 
 
+def _encode_span(span: PrefetchSpan) -> dict[str, int]:
+    out = {"start_span": span.start_span, "end_span": span.end_span}
+    if span.priority:  # soci's `priority,omitempty`
+        out["priority"] = span.priority
+    return out
+
+
 def encode_prefetch(artifact: PrefetchArtifact) -> bytes:
-    """The prefetch artifact blob (the layer digest goes on its descriptor, not in here)."""
+    """The prefetch artifact blob (the layer digest goes on its descriptor, not in here),
+    byte for byte as soci's `json.Marshal` writes it: the same spans give the same digest."""
     return canonical_json(
         {
             "version": PREFETCH_VERSION,
-            "prefetch_spans": [
-                {"start_span": s.start_span, "end_span": s.end_span, "priority": s.priority}
-                for s in artifact.spans
-            ],
+            "prefetch_spans": [_encode_span(s) for s in artifact.spans],
         }
     )
 

@@ -271,9 +271,9 @@ def test_prefetch_encode_exact() -> None:
     art = PrefetchArtifact(LAYER1, (PrefetchSpan(0, 3), PrefetchSpan(10, 10, 2)))
     data = encode_prefetch(art)
     assert data == (
-        b'{"version":"1.0","prefetch_spans":[{"start_span":0,"end_span":3,"priority":0},'
+        b'{"version":"1.0","prefetch_spans":[{"start_span":0,"end_span":3},'
         b'{"start_span":10,"end_span":10,"priority":2}]}'
-    )
+    )  # soci's encoding: struct field order, `priority` omitted when 0
     assert parse_prefetch(data, LAYER1) == art
 
 
