@@ -83,7 +83,9 @@ class RecordingStore:
         """The recorded start of an image manifest, if any (and readable)."""
         found = self._read(self.path(manifest_digest))
         if found is not None and found.manifest_digest != manifest_digest:
-            log.warning("ignoring %s: it records %s", self.path(manifest_digest), found.manifest_digest)
+            log.warning(
+                "ignoring %s: it records %s", self.path(manifest_digest), found.manifest_digest
+            )
             return None
         return found
 
