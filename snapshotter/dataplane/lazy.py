@@ -40,6 +40,7 @@ from snapshotter.fetch.spans import (
 )
 from snapshotter.fs.session import FuseSession
 from snapshotter.fs.table import LayerNotMountedError, LayerUnavailableError
+from snapshotter.prefetch.recordings import Recordings
 from snapshotter.remote.spec import LayerSpec
 from snapshotter.soci.ztoc import CompressionAlgorithm, Ztoc
 
@@ -128,7 +129,14 @@ class _Mounted:
 class LazyLayers:
     """Serves layers lazily under `<mountpoint>/<layer-id>` while `run` runs."""
 
-    def __init__(self, config: Config, mountpoint: Path, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        config: Config,
+        mountpoint: Path,
+        cache_dir: Path,
+        *,
+        recordings_dir: Path | None = None,
+    ) -> None:
         self.config = config
         self._fetch = fetch_config(config)
         self.mountpoint = mountpoint
@@ -146,6 +154,10 @@ class LazyLayers:
         self.activity = ForegroundActivity()
         self.background = BackgroundFetcher(self._fetch, self.activity)
         self.prefetcher = Prefetcher(self._fetch, self.activity)
+        self.recordings = (
+            Recordings(config.prefetch, recordings_dir) if recordings_dir is not None else None
+        )
+        """The starts recorded on this node (`[prefetch] record`), under ROOT/prefetch."""
         self._layers: dict[str, _Mounted] = {}
         self._nursery: trio.Nursery | None = None
         self.draining = False
@@ -178,6 +190,8 @@ class LazyLayers:
                 await nursery.start(self.session.run)
                 await nursery.start(self.background.run)
                 await nursery.start(self.prefetcher.run)
+                if self.recordings is not None:
+                    await nursery.start(self.recordings.run)
                 task_status.started()
                 await self.session.ended.wait()
                 nursery.cancel_scope.cancel()
@@ -233,6 +247,9 @@ class LazyLayers:
             raise
         self.background.add(manager)
         self._layers[layer_id] = _Mounted(spec, manager, path, layer_cache, tracked)
+        recorder = self.recordings.start(spec, manager.zinfo) if self.recordings else None
+        if recorder is not None:
+            self.session.table.layer(layer_id).observer = Recordings.observer(recorder)
         log.info("layer %s (%s) mounted lazily at %s", layer_digest, layer_id, path)
         return path
 
@@ -257,6 +274,8 @@ class LazyLayers:
             return
         self.background.remove(mounted.manager)
         self.prefetcher.remove(mounted.manager)
+        if self.recordings is not None:
+            await self.recordings.stop(layer_id)
         try:
             await self.session.unmount_layer(layer_id)
         finally:
@@ -325,6 +344,13 @@ class LazyLayers:
             self.prefetcher.add(mounted.manager)
             log.info("layer %s: prefetching %d span(s)", mounted.spec.layer_digest, queued)
         return queued
+
+    def num_spans(self, layer_id: str) -> int:
+        """Spans of a served layer; LayerNotMountedError when it is not served."""
+        mounted = self._layers.get(layer_id)
+        if mounted is None:
+            raise LayerNotMountedError(f"layer {layer_id!r} is not mounted")
+        return mounted.manager.num_spans
 
     def served(self) -> list[tuple[LayerSpec, Path, str]]:
         """Layers being served: their spec, directory and state."""

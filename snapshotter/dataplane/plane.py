@@ -21,14 +21,18 @@ from snapshotter.dataplane.api import ServedLayer, SweepResult
 from snapshotter.dataplane.lazy import LazyLayers
 from snapshotter.errors import FormatError, PysociError
 from snapshotter.fetch.registry_source import RegistryRangeSource
+from snapshotter.fs.table import LayerNotMountedError
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import parse_reference
 from snapshotter.remote.spec import LayerSpec
+from snapshotter.soci.index import DEFAULT_MAX_PREFETCH_SIZE, parse_prefetch
+from snapshotter.soci.prefetch import expand_runs
 from snapshotter.soci.ztoc import Ztoc
 
 log = logging.getLogger(__name__)
 
 
+MAX_PREFETCH_ARTIFACT: Final = DEFAULT_MAX_PREFETCH_SIZE
 WARM_TTL: Final = 120.0
 MAX_WARM: Final = 64
 
@@ -120,7 +124,56 @@ class LocalDataPlane:
                 f"layer has {spec.layer_size} ({spec.layer_digest})"
             )
         source = RegistryRangeSource(self.client, ref, spec.layer_digest)
-        return await self.lazy.mount(spec, ztoc, source)
+        path = await self.lazy.mount(spec, ztoc, source)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._prefetch, spec)
+        return path
+
+    async def _prefetch(self, spec: LayerSpec) -> None:
+        """Fetch the layer's known start at once, after its mount returned: the spans this
+        node recorded for the image, else those of the index's prefetch artifact."""
+        try:
+            spans, origin = await self._prefetch_spans(spec)
+            if spans:
+                queued = self.lazy.prefetch(spec.layer_id, spans)
+                log.info(
+                    "layer %s: %d of %d span(s) of its %s queued for prefetching",
+                    spec.layer_digest,
+                    queued,
+                    len(spans),
+                    origin,
+                )
+        except LayerNotMountedError:
+            pass  # unmounted meanwhile
+        except Exception as e:  # a prefetch is an optimisation: reads fetch what they need
+            log.warning("layer %s: no prefetch: %s", spec.layer_digest, e)
+
+    async def _prefetch_spans(self, spec: LayerSpec) -> tuple[list[int], str]:
+        recordings = self.lazy.recordings
+        if recordings is not None:
+            recorded = await trio.to_thread.run_sync(recordings.recorded, spec)
+            if recorded:
+                return recorded, "recorded start"
+        desc = spec.prefetch
+        if desc is None or not self.lazy.config.prefetch.enable:
+            return [], ""
+        if desc.size > MAX_PREFETCH_ARTIFACT:
+            raise FormatError(f"prefetch artifact {desc.digest} of {desc.size} bytes is too large")
+        blob = await self.client.read_blob(
+            parse_reference(spec.image_ref), desc.digest, max_size=MAX_PREFETCH_ARTIFACT
+        )
+        artifact = parse_prefetch(blob, spec.layer_digest, max_size=MAX_PREFETCH_ARTIFACT)
+        num_spans = self.lazy.num_spans(spec.layer_id)
+        spans, outside = expand_runs(artifact.spans, num_spans)
+        if outside:
+            log.warning(
+                "layer %s: its prefetch artifact %s names %d span(s) past its %d",
+                spec.layer_digest,
+                desc.digest,
+                outside,
+                num_spans,
+            )
+        return spans, f"prefetch artifact {desc.digest}"
 
     async def _fetch_ztoc(self, spec: LayerSpec) -> Ztoc:
         return await fetch_ztoc(

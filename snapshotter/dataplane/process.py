@@ -224,7 +224,9 @@ async def run_data_plane(
 async def _serve(proc: _Process, started: float) -> None:
     root, config = proc.root, proc.config
     await trio.to_thread.run_sync(_report_stale, root)
-    lazy = proc.lazy = LazyLayers(config, root / "fuse", root / "cache")
+    lazy = proc.lazy = LazyLayers(
+        config, root / "fuse", root / "cache", recordings_dir=root / "prefetch"
+    )
     generation = f"{os.getpid()}-{time.time_ns()}"
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with node_registry_client(config) as client, trio.open_nursery() as nursery:

@@ -481,6 +481,11 @@ class SpanManager:
         return len(self._state)
 
     @property
+    def zinfo(self) -> Zinfo:
+        """The layer's checkpoints (read-only: what span holds what)."""
+        return self._zinfo
+
+    @property
     def foreground_waiting(self) -> int:
         """Reads of this layer currently waiting on the network."""
         return self._waiting

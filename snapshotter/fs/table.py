@@ -67,6 +67,11 @@ class LayerData(Protocol):
         ...
 
 
+ReadObserver = Callable[[LayerTree, int, int, int], None]
+"""Told (tree, entry, uncompressed start, length) before a file's bytes are read, length 0
+before only its tar header is checked (the recorder of a layer's start, prefetch.recorder)."""
+
+
 class FsError(PysociError):
     """The filesystem cannot do what the service asked."""
 
@@ -130,6 +135,7 @@ class MountedLayer:
     ready: trio.Event = field(default_factory=trio.Event)
     build_error: str = ""
     closed: bool = False
+    observer: ReadObserver | None = None
     read_errors: int = 0
     last_error: str = ""
     _sorting: dict[int, trio.Event] = field(default_factory=dict)
@@ -179,7 +185,9 @@ class MountedLayer:
         """Wait until the tar headers of `gates` are checked; EIO if one lies or is unreadable."""
         if not gates:
             return
-        _, verifier = await self.built()
+        tree, verifier = await self.built()
+        for entry in gates:
+            self._observe(tree, entry, 0, 0)
         failures: list[str] = []
 
         async def one(entry: int) -> None:
@@ -199,6 +207,16 @@ class MountedLayer:
                     nursery.start_soon(one, entry)
         if failures:
             raise self.fail(f"entries {gates}", failures[0])
+
+    def _observe(self, tree: LayerTree, entry: int, start: int, length: int) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        try:
+            observer(tree, entry, start, length)
+        except Exception:  # a recorder must never fail a read: it is dropped instead
+            log.exception("layer %s: the read observer failed; not observing", self.layer_id)
+            self.observer = None
 
     async def _read_chain(self, offset: int, length: int) -> bytes:
         return await self.data.read(offset, length, readahead_until=offset + length)
@@ -250,6 +268,7 @@ class MountedLayer:
             return b""
         length = min(size, file_size - offset)
         file_end = data_offset + file_size
+        self._observe(tree, entry, data_offset + offset, length)
         await self.check_header(entry, file_end)
         what = f"inode {ino}"
         try:

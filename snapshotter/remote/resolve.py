@@ -113,6 +113,7 @@ def plan_layer(image: ResolvedImage, position: int) -> LayerPlan:
     ztoc = image.index.index.ztoc_for_layer(layer.digest)
     if ztoc is None:
         return LayerPlan(layer, diff_id, None, "no zTOC for this layer")
+    prefetch = image.index.index.prefetch_for_layer(layer.digest)
     spec = LayerSpec(
         layer_id=layer_id(layer.digest, ztoc.digest),
         layer_digest=layer.digest,
@@ -124,6 +125,8 @@ def plan_layer(image: ResolvedImage, position: int) -> LayerPlan:
         manifest_digest=image.manifest_digest,
         index_digest=image.index.descriptor.digest,
         index_source=image.index.source,
+        prefetch_digest=prefetch.digest if prefetch is not None else "",
+        prefetch_size=prefetch.size if prefetch is not None else 0,
     )
     return LayerPlan(layer, diff_id, spec)
 

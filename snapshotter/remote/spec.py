@@ -19,8 +19,12 @@ from snapshotter import labels
 from snapshotter.errors import FormatError
 from snapshotter.registry.reference import parse_reference
 from snapshotter.soci import oci
+from snapshotter.soci.index import MEDIA_TYPE_PREFETCH
 
 MAX_LAYER_ID = 64
+PREFETCH_DIGEST = labels.PREFIX + "prefetch.digest"
+PREFETCH_SIZE = labels.PREFIX + "prefetch.size"
+"""The layer's SOCI prefetch artifact, when its index lists one."""
 
 
 def layer_id(layer_digest: str, ztoc_digest: str) -> str:
@@ -60,15 +64,22 @@ class LayerSpec:
     manifest_digest: str = ""
     index_digest: str = ""
     index_source: str = ""
+    prefetch_digest: str = ""
+    """The layer's prefetch artifact in the index (fetched after the mount, never before)."""
+    prefetch_size: int = 0
 
     def __post_init__(self) -> None:
         _check_layer_id(self.layer_id)
         oci.validate_digest(self.layer_digest)
         oci.validate_digest(self.ztoc_digest)
-        for name in ("diff_id", "manifest_digest", "index_digest"):
+        for name in ("diff_id", "manifest_digest", "index_digest", "prefetch_digest"):
             value = getattr(self, name)
             if value:
                 oci.validate_digest(value)
+        if self.prefetch_size < 0 or (self.prefetch_size > 0) != bool(self.prefetch_digest):
+            raise FormatError(
+                f"layer spec {self.layer_id}: a prefetch artifact needs a digest and a size"
+            )
         if self.layer_size < 0 or self.ztoc_size <= 0:
             raise FormatError(
                 f"layer spec {self.layer_id}: sizes must be positive "
@@ -80,6 +91,13 @@ class LayerSpec:
     def ztoc(self) -> oci.Descriptor:
         """The zTOC's descriptor."""
         return oci.Descriptor("application/octet-stream", self.ztoc_digest, self.ztoc_size)
+
+    @property
+    def prefetch(self) -> oci.Descriptor | None:
+        """The prefetch artifact's descriptor, if the index lists one for the layer."""
+        if not self.prefetch_digest:
+            return None
+        return oci.Descriptor(MEDIA_TYPE_PREFETCH, self.prefetch_digest, self.prefetch_size)
 
     # -- JSON (the data-plane protocol) -----------------------------------------------------
 
@@ -98,7 +116,7 @@ class LayerSpec:
             raise FormatError(f"layer spec: unknown fields {sorted(unknown)}")
         kwargs: dict[str, Any] = {}
         for name, value in raw.items():
-            want = int if name in ("layer_size", "ztoc_size") else str
+            want = int if name in ("layer_size", "ztoc_size", "prefetch_size") else str
             if type(value) is not want:
                 raise FormatError(f"layer spec: {name} must be a {want.__name__}")
             kwargs[name] = value
@@ -123,6 +141,8 @@ class LayerSpec:
             labels.IMAGE_MANIFEST: self.manifest_digest,
             labels.INDEX_DIGEST: self.index_digest,
             labels.INDEX_SOURCE: self.index_source,
+            PREFETCH_DIGEST: self.prefetch_digest,
+            PREFETCH_SIZE: str(self.prefetch_size) if self.prefetch_size else "",
         }
         out.update({k: v for k, v in optional.items() if v})
         return out
@@ -142,6 +162,8 @@ class LayerSpec:
                 manifest_digest=values.get(labels.IMAGE_MANIFEST, ""),
                 index_digest=values.get(labels.INDEX_DIGEST, ""),
                 index_source=values.get(labels.INDEX_SOURCE, ""),
+                prefetch_digest=values.get(PREFETCH_DIGEST, ""),
+                prefetch_size=_int(values.get(PREFETCH_SIZE, "0")),
             )
         except KeyError as e:
             raise FormatError(f"lazy layer {layer_id_}: its snapshot has no label {e}") from None
