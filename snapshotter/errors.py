@@ -18,6 +18,15 @@ class ZtocError(FormatError):
     """A zTOC flatbuffer is malformed or inconsistent."""
 
 
+class ZtocMismatchError(ZtocError):
+    """A zTOC proven wrong by its layer's own verified bytes: a checkpoint, a tar header or
+    the whole layer's digest does not match what the zTOC says."""
+
+
+class ZtocRejectedError(PysociError):
+    """A layer whose zTOC was proven wrong: not served lazily (reads fail, mounts refuse)."""
+
+
 class CheckpointError(FormatError):
     """A checkpoint (zinfo) blob is malformed or inconsistent with its zTOC."""
 

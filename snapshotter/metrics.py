@@ -101,10 +101,18 @@ FUSE_FAILURES = Counter(
     ["operation", "errno"],
     registry=REGISTRY,
 )
+LAYERS_REJECTED = Counter(
+    "pysoci_layers_rejected_total",
+    "Lazy layers whose zTOC was proven to lie (a checkpoint window, the uncompressed size or "
+    "the diff ID did not match the layer), by the check that found it (foreground: a read's "
+    "spans; background: the pass over the complete layer).",
+    ["stage"],
+    registry=REGISTRY,
+)
 LAZY_MOUNT_FALLBACKS = Counter(
     "pysoci_lazy_mount_fallbacks_total",
     "Layers of indexed images unpacked locally instead of served lazily, by reason "
-    "(no_ztoc, mount_failed).",
+    "(no_ztoc, mount_failed, ztoc_rejected).",
     ["reason"],
     registry=REGISTRY,
 )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 from snapshotter.compression.layer_index import LayerIndexResult
 from snapshotter.compression.zlib import (
@@ -20,7 +21,7 @@ from snapshotter.compression.zlib import (
     Z_STREAM_END,
     Inflater,
 )
-from snapshotter.errors import CheckpointError, CompressionError
+from snapshotter.errors import CheckpointError, CompressionError, ZtocMismatchError
 from snapshotter.soci.zinfo import (
     CHECKPOINT_SIZE,
     HEADER_SIZE,
@@ -276,3 +277,124 @@ def inflate_spans(
 def inflate_span(zinfo: GzipZinfo, span: int, compressed: bytes | bytearray | memoryview) -> bytes:
     """Inflate one span from exactly its compressed bytes."""
     return inflate_spans(zinfo, span, span, compressed)
+
+
+def _window_mismatch(zinfo: GzipZinfo, checkpoint: int, before: bytes | memoryview) -> bool:
+    """Whether checkpoint `checkpoint`'s window differs from `before`, the layer's
+    uncompressed bytes just before its offset (its last ≤ 32 KiB; shorter only at the start
+    of the layer, where deflate cannot reach further back)."""
+    k = len(before)
+    return zinfo.window(checkpoint)[WINDOW_SIZE - k :] != before
+
+
+def check_windows(
+    zinfo: GzipZinfo, first: int, last: int, plain: bytes | bytearray | memoryview
+) -> None:
+    """Prove the windows of checkpoints first+1..last+1 against `plain`, spans first..last
+    inflated from checkpoint `first`: each must be the 32 KiB of output before its offset.
+
+    A window feeds only the inflate that starts at its checkpoint, so nothing else notices a
+    wrong one (span digests cover compressed bytes). ZtocMismatchError when one differs.
+    Checkpoint `first`'s own window is proven by whichever run ends at it (the background
+    pass runs through them all, see `LayerVerifier`)."""
+    view = memoryview(plain).cast("B")
+    u_base = zinfo.uncompressed_bounds(first)[0]
+    for cp in range(first + 1, min(last + 2, zinfo.num_spans)):
+        at = zinfo.uncompressed_bounds(cp)[0] - u_base
+        if at > len(view):
+            raise CompressionError(f"spans {first}..{last}: output ends before checkpoint {cp}")
+        # What `plain` holds of the 32 KiB before (all of it unless spans are that small).
+        before = view[max(0, at - WINDOW_SIZE) : at]
+        if _window_mismatch(zinfo, cp, before):
+            raise ZtocMismatchError(
+                f"the zTOC lies: checkpoint {cp}'s window is not the layer's 32 KiB before "
+                f"uncompressed offset {zinfo.uncompressed_bounds(cp)[0]}"
+            )
+
+
+class LayerVerifier:
+    """Proves a whole gzip layer against its zTOC, fed its compressed bytes in order: every
+    checkpoint's window and uncompressed offset, the uncompressed size, and (given) the
+    diff ID, the sha256 of the uncompressed stream that the image config names.
+
+    Memory stays bounded (one output chunk and a 32 KiB tail). ZtocMismatchError when the
+    zTOC or the diff ID does not match, CompressionError for a malformed stream."""
+
+    def __init__(self, zinfo: GzipZinfo, diff_id: str = "") -> None:
+        self._zinfo = zinfo
+        self._diff_id = diff_id
+        self._sha = hashlib.sha256()
+        self._tail = b""
+        self._out = 0
+        self._next = 1  # the next checkpoint to prove
+        self._d: Any = zlib.decompressobj(WBITS_GZIP)
+        self._padding = False
+        self._pending = b""
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Inflate and check the next compressed bytes of the layer."""
+        data = self._pending + bytes(chunk)
+        self._pending = b""
+        while data:
+            if self._padding:
+                if data.strip(b"\x00"):
+                    raise CompressionError("trailing garbage after the last gzip member")
+                return
+            if self._d is None:
+                if data[:1] == GZIP_MAGIC[:1]:
+                    if len(data) < 2:
+                        self._pending = data
+                        return
+                    if data[:2] != GZIP_MAGIC:
+                        raise CompressionError("no gzip member after a member's end")
+                    self._d = zlib.decompressobj(WBITS_GZIP)
+                elif data[:1] == b"\x00":
+                    self._padding = True
+                    continue
+                else:
+                    raise CompressionError("no gzip member after a member's end")
+            try:
+                out = self._d.decompress(data, _OUT_CHUNK)
+            except zlib.error as e:
+                raise CompressionError(f"corrupt gzip stream: {e}") from None
+            self._emit(out)
+            if self._d.eof:
+                data = self._d.unused_data
+                self._d = None
+            else:
+                data = self._d.unconsumed_tail
+
+    def _emit(self, out: bytes) -> None:
+        if not out:
+            return
+        z = self._zinfo
+        end = self._out + len(out)
+        while self._next < z.num_spans and z.uncompressed_bounds(self._next)[0] <= end:
+            at = z.uncompressed_bounds(self._next)[0] - self._out
+            before = (self._tail + out[:at])[-WINDOW_SIZE:]
+            if _window_mismatch(z, self._next, before):
+                raise ZtocMismatchError(
+                    f"the zTOC lies: checkpoint {self._next}'s window is not the layer's "
+                    f"32 KiB before uncompressed offset {z.uncompressed_bounds(self._next)[0]}"
+                )
+            self._next += 1
+        self._sha.update(out)
+        self._tail = (self._tail + out)[-WINDOW_SIZE:]
+        self._out = end
+
+    def finish(self) -> None:
+        """The layer ended: the checks that need all of it."""
+        if self._d is not None or self._pending:
+            raise CompressionError("the gzip stream ends inside a member")
+        usize = self._zinfo.uncompressed_bounds(self._zinfo.num_spans - 1)[1]
+        if self._out < usize:  # more is fine: the tar's zero padding may go past it
+            raise ZtocMismatchError(
+                f"the zTOC lies: the layer inflates to {self._out} bytes, the zTOC says {usize}"
+            )
+        if self._diff_id:
+            got = "sha256:" + self._sha.hexdigest()
+            if got != self._diff_id:
+                raise ZtocMismatchError(
+                    f"the layer's uncompressed digest is {got}, its image config says "
+                    f"{self._diff_id}"
+                )

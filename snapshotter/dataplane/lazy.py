@@ -26,7 +26,7 @@ from typing import Any, Final
 import trio
 
 from snapshotter.config import Config, fetch_config, free_space_reserve
-from snapshotter.errors import PysociError
+from snapshotter.errors import PysociError, ZtocRejectedError
 from snapshotter.fetch.background import BackgroundFetcher
 from snapshotter.fetch.cache import DiskCache, LayerCache
 from snapshotter.fetch.prefetch import Prefetcher
@@ -41,6 +41,7 @@ from snapshotter.fetch.spans import (
 from snapshotter.fs.session import FuseSession
 from snapshotter.fs.table import LayerNotMountedError, LayerUnavailableError
 from snapshotter.prefetch.recordings import Recordings
+from snapshotter.remote.rejected import REJECTED_FILE, RejectedZtocs
 from snapshotter.remote.spec import LayerSpec
 from snapshotter.soci.ztoc import CompressionAlgorithm, Ztoc
 
@@ -136,8 +137,11 @@ class LazyLayers:
         cache_dir: Path,
         *,
         recordings_dir: Path | None = None,
+        rejected: RejectedZtocs | None = None,
     ) -> None:
         self.config = config
+        self.rejected = rejected or RejectedZtocs(cache_dir.parent / REJECTED_FILE)
+        """zTOCs proven to lie (by this process or an earlier one): never served again."""
         self._fetch = fetch_config(config)
         self.mountpoint = mountpoint
         self.session = FuseSession(
@@ -218,6 +222,9 @@ class LazyLayers:
         layer_id, layer_digest = spec.layer_id, spec.layer_digest
         if layer_id in self._layers:
             return self._layers[layer_id].path
+        why = await trio.to_thread.run_sync(self.rejected.reason, layer_digest, spec.ztoc_digest)
+        if why is not None:
+            raise ZtocRejectedError(why)
         keep = self._fetch.keep_inflated and ztoc.compression_algorithm == CompressionAlgorithm.GZIP
         layer_cache = self.cache.open_layer(
             layer_digest,
@@ -235,6 +242,10 @@ class LazyLayers:
                 config=self._fetch,
                 activity=self.activity,
                 room=self._background_room,
+                ztoc_digest=spec.ztoc_digest,
+                memory_key=layer_id,
+                diff_id=spec.diff_id,
+                on_reject=lambda why: self._record_rejection(spec, why),
             )
         except BaseException:
             layer_cache.close()
@@ -281,9 +292,31 @@ class LazyLayers:
         finally:
             await mounted.manager.close()
 
+    def _record_rejection(self, spec: LayerSpec, why: str) -> None:
+        log.error(
+            "lazy layer %s of %s: zTOC %s of SOCI index %s is rejected; recorded in %s",
+            spec.layer_id,
+            spec.image_ref,
+            spec.ztoc_digest,
+            spec.index_digest or "(unknown)",
+            self.rejected.path,
+        )
+        try:
+            self.rejected.add(spec.layer_digest, spec.ztoc_digest, why)
+        except OSError as e:
+            log.error(
+                "cannot record the rejected zTOC %s in %s: %s",
+                spec.ztoc_digest,
+                self.rejected.path,
+                e,
+            )
+
     def check(self, layer_id: str) -> None:
-        """Raise if the layer is not mounted or not usable."""
+        """Raise if the layer is not mounted or not usable (its zTOC was rejected)."""
         self.session.check(layer_id)
+        mounted = self._layers.get(layer_id)
+        if mounted is not None and mounted.manager.rejected:
+            raise LayerUnavailableError(mounted.manager.rejected)
 
     def fully_cached(self, layer_id: str) -> bool:
         """Every span of the layer is on disk (verified, or logged by an earlier run)."""

@@ -48,6 +48,8 @@ _ERRORS: Final[dict[str, type[PysociError]]] = {
         LayerUnavailableError,
         DataPlaneUnavailableError,
         DataPlaneError,
+        errors.ZtocRejectedError,
+        errors.ZtocMismatchError,
         errors.ZtocError,
         errors.CheckpointError,
         errors.TarFormatError,

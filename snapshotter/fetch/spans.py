@@ -33,7 +33,7 @@ from typing import Any, Final, Protocol
 import trio
 
 from snapshotter import metrics
-from snapshotter.compression.gzip import inflate_spans
+from snapshotter.compression.gzip import LayerVerifier, check_windows, inflate_spans
 from snapshotter.compression.span_stream import SpanStreamInflater
 from snapshotter.errors import (
     CompressionError,
@@ -42,6 +42,8 @@ from snapshotter.errors import (
     LayerClosedError,
     RegistryResponseError,
     RegistryUnavailableError,
+    ZtocMismatchError,
+    ZtocRejectedError,
 )
 from snapshotter.fetch.cache import LayerCache
 from snapshotter.fetch.config import FetchConfig
@@ -59,6 +61,7 @@ _SEQUENTIAL_SLACK: Final = 1 << 20
 """A read starting this close to the previous read's end counts as sequential."""
 _MAX_ROUNDS: Final = 8
 """Loads a read may wait on before giving up (each round is a cancelled or evicted load)."""
+_VERIFY_CHUNK: Final = 4 << 20
 
 
 SpanObserver = Callable[[int, bytes], None]
@@ -331,8 +334,20 @@ class SpanManager:
         memory: SpanMemoryCache,
         config: FetchConfig,
         activity: ForegroundActivity | None = None,
+        ztoc_digest: str = "",
+        diff_id: str = "",
+        on_reject: Callable[[str], None] | None = None,
+        memory_key: str = "",
     ) -> None:
         self.digest = layer_digest
+        self.ztoc_digest = ztoc_digest
+        self._diff_id = diff_id
+        self._on_reject = on_reject
+        self.rejected = ""
+        """Why this layer's zTOC was proven to lie ("" while it was not): it serves nothing."""
+        self._mem = memory_key or layer_digest
+        """This manager's name in the memory cache: one zTOC's spans are not another's, so
+        managers of one layer with different zTOCs need different ones (the layer id)."""
         self.config = config
         self.activity = activity or ForegroundActivity()
         self._zinfo: Zinfo = decode_zinfo(
@@ -431,13 +446,44 @@ class SpanManager:
             await self._run_done.wait()
         while self._busy:
             await self._idle.park()
-        self._memory.discard_layer(self.digest)
+        self._memory.discard_layer(self._mem)
         self._cache.close()
         self._close_done.set()
 
     def _check_open(self) -> None:
         if self._closed:
             raise LayerClosedError(f"layer {self.digest} is closed")
+
+    def _check_trusted(self) -> None:
+        if self.rejected:
+            raise ZtocRejectedError(self.rejected)
+
+    def _reject(self, exc: ZtocMismatchError, stage: str) -> ZtocRejectedError:
+        """The zTOC is proven to lie: serve nothing more from it (its bytes in memory are
+        dropped, the background leaves it alone) and tell `on_reject` once."""
+        if not self.rejected:
+            self.rejected = (
+                f"layer {self.digest}: zTOC {self.ztoc_digest or '(unknown)'} rejected: {exc}"
+            )
+            self._last_error = self.rejected
+            self._memory.discard_layer(self._mem)
+            self._prefetch.clear()
+            self._prefetch_queued.clear()
+            metrics.LAYERS_REJECTED.labels(stage).inc()
+            log.error(
+                "REJECTED zTOC %s of layer %s (%s check): %s; every read of it fails from now "
+                "on and its next Prepare unpacks it locally",
+                self.ztoc_digest or "(unknown)",
+                self.digest,
+                stage,
+                exc,
+            )
+            if self._on_reject is not None:
+                try:
+                    self._on_reject(self.rejected)
+                except Exception:  # recording it must not hide the rejection itself
+                    log.exception("layer %s: recording the rejection failed", self.digest)
+        return ZtocRejectedError(self.rejected)
 
     @contextmanager
     def _background_section(self) -> Iterator[None]:
@@ -508,6 +554,7 @@ class SpanManager:
         if offset < 0 or length < 0:
             raise ValueError(f"invalid read: offset {offset}, length {length}")
         self._check_open()
+        self._check_trusted()
         end = min(offset + length, self._usize)
         if offset >= end:
             return b""
@@ -545,7 +592,7 @@ class SpanManager:
             for s in range(first, last + 1):
                 if s in out:
                     continue
-                data = self._memory.get((self.digest, s))
+                data = self._memory.get((self._mem, s))
                 if data is None:
                     want.append(s)
                 else:
@@ -564,7 +611,7 @@ class SpanManager:
             await self._wait(set(loads.values()))
             direct: list[int] = []
             for s in want:
-                if (self.digest, s) in self._memory:
+                if (self._mem, s) in self._memory:
                     continue
                 if self._state[s] == VERIFIED or s in self._inflated:
                     direct.append(s)
@@ -607,7 +654,7 @@ class SpanManager:
                 for s in range(last + 1, min(last + 1 + ahead, len(self._state)))
                 if self._state[s] == ABSENT
                 and s not in self._pending
-                and (self.digest, s) not in self._memory
+                and (self._mem, s) not in self._memory
             ]
             if todo:
                 self._start_load(todo, inflate=True)
@@ -619,7 +666,7 @@ class SpanManager:
         for s in range(start, min(start + self.config.readahead_spans, len(self._state))):
             if s >= limit and self._state[s] == ABSENT:
                 break
-            if s not in self._pending and (self.digest, s) not in self._memory:
+            if s not in self._pending and (self._mem, s) not in self._memory:
                 todo.append(s)
         # One load per kind: disk loads must not wait behind a network fetch.
         on_disk = [s for s in todo if self._state[s] != ABSENT]
@@ -677,8 +724,11 @@ class SpanManager:
                 if self.layer_verified is not False:
                     self._last_error = ""  # the registry serves again: the error is history
         except Exception as exc:
-            load.error = exc
-            self._last_error = f"{type(exc).__name__}: {exc}"
+            err = self._reject(exc, "foreground") if isinstance(exc, ZtocMismatchError) else exc
+            load.error = err
+            self._last_error = f"{type(err).__name__}: {err}"
+            if err is not exc:
+                raise err from exc
             raise
         except BaseException:
             load.cancelled = True
@@ -687,7 +737,10 @@ class SpanManager:
             self._settle(load)
 
     async def _inflate_from_disk(self, spans: list[int]) -> dict[int, bytes]:
-        return (await self._from_disk(spans, True, to_memory=False)).inflated
+        try:
+            return (await self._from_disk(spans, True, to_memory=False)).inflated
+        except ZtocMismatchError as e:
+            raise self._reject(e, "foreground") from e
 
     async def _from_disk(
         self, spans: list[int], inflate: bool, *, to_memory: bool = True
@@ -853,6 +906,8 @@ class SpanManager:
             plain = memoryview(inflate_spans(self._zinfo, first, last, chunk))
         else:
             plain = chunk
+        if isinstance(self._zinfo, GzipZinfo):
+            check_windows(self._zinfo, first, last, plain)
         u_base = self._zinfo.uncompressed_bounds(first)[0]
         out: dict[int, bytes] = {}
         for s in range(first, last + 1):
@@ -986,7 +1041,7 @@ class SpanManager:
                 self._verified += 1
                 self._verified_bytes += self._owned_bytes(s)
         for s, data in inflated.items():
-            self._memory.put((self.digest, s), data)
+            self._memory.put((self._mem, s), data)
 
     def _owned_bytes(self, span: int) -> int:
         # Spans share a byte when bits != 0; count [end of previous span, own end) instead.
@@ -1012,7 +1067,7 @@ class SpanManager:
 
     def claim_missing(self, max_bytes: int) -> SpanClaim | None:
         """Reserve the next run of unverified, unclaimed spans (≤ max_bytes, ≥ one span)."""
-        if self._closed or self.layer_verified is False:
+        if self._closed or self.layer_verified is False or self.rejected:
             return None
         n = len(self._state)
         first = -1
@@ -1071,7 +1126,7 @@ class SpanManager:
 
     def claim_prefetch(self, max_bytes: int) -> SpanClaim | None:
         """Reserve the next queued spans: a run of consecutive ones (≤ max_bytes, ≥ one)."""
-        if self._closed or self.layer_verified is False:
+        if self._closed or self.layer_verified is False or self.rejected:
             return None
         spans: list[int] = []
         start = 0
@@ -1104,7 +1159,7 @@ class SpanManager:
         ≥ one span), once the whole layer is verified: first spans already kept decompressed
         (still to show to the span observer), then spans to inflate if they fit under the
         cache bound."""
-        if not self._keep_inflated or self._closed or not self.layer_verified:
+        if not self._keep_inflated or self._closed or not self.layer_verified or self.rejected:
             return None
         for kept in (True, False):
             spans: list[int] = []
@@ -1131,7 +1186,10 @@ class SpanManager:
         show each to the span observer; the memory cache is left alone (nobody is reading
         them)."""
         with self._background_section():
-            res = await trio.to_thread.run_sync(self._disk_job, claim.spans, True)
+            try:
+                res = await trio.to_thread.run_sync(self._disk_job, claim.spans, True)
+            except ZtocMismatchError as e:
+                raise self._reject(e, "background") from e
             for s in res.stale:
                 self._inflated.pop(s, None)
             for s in res.bad:
@@ -1161,6 +1219,7 @@ class SpanManager:
             self._check_open()
             got = await trio.to_thread.run_sync(self._cache.blob_digest, algorithm)
         if got == self.digest:
+            await self._verify_checkpoints()
             self.layer_verified = True
             metrics.LAYER_VERIFICATIONS.labels("ok").inc()
             return True
@@ -1180,10 +1239,32 @@ class SpanManager:
             self._mark_absent(s)
         return False
 
+    async def _verify_checkpoints(self) -> None:
+        """The complete, digest-checked layer proves its zTOC: every checkpoint window and
+        the diff ID (ZtocRejectedError when they do not match)."""
+        if not isinstance(self._zinfo, GzipZinfo):
+            return
+        zinfo = self._zinfo
+
+        def job() -> None:
+            verifier = LayerVerifier(zinfo, self._diff_id)
+            for start in range(0, self._size, _VERIFY_CHUNK):
+                verifier.feed(self._cache.read(start, min(self._size, start + _VERIFY_CHUNK)))
+            verifier.finish()
+
+        with self._busy_section():
+            self._check_open()
+            try:
+                await trio.to_thread.run_sync(job)
+            except ZtocMismatchError as e:
+                raise self._reject(e, "background") from e
+
     def status(self) -> dict[str, Any]:
         """soci's layer status fields, plus span counts."""
         if self._closed:
             state = "closed"
+        elif self.rejected:
+            state = "rejected"
         elif self.layer_verified is False:
             state = "error"
         elif self.layer_verified:

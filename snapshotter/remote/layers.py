@@ -26,9 +26,10 @@ import trio
 from snapshotter import metrics
 from snapshotter.content.local_layers import LocalLayers
 from snapshotter.dataplane.api import DataPlane, LayerNotMountedError
-from snapshotter.errors import FormatError, PysociError
+from snapshotter.errors import FormatError, PysociError, ZtocRejectedError
 from snapshotter.logs import log_context
 from snapshotter.registry.reference import Reference
+from snapshotter.remote.rejected import REJECTED_FILE, RejectedZtocs
 from snapshotter.remote.resolve import (
     ImageResolver,
     LayerNotInImageError,
@@ -85,10 +86,13 @@ class RemoteLayers:
         local: LocalLayers,
         *,
         users: Users | None = None,
+        rejected: RejectedZtocs | None = None,
     ) -> None:
         self.resolver = resolver
         self.plane = plane
         self.local = local
+        # The data plane records them beside ROOT/layers (see LazyLayers).
+        self.rejected = rejected or RejectedZtocs(local.root.parent / REJECTED_FILE)
         self._users = users
         self._locks: dict[str, trio.Lock] = {}
         self._warmed: dict[str, float] = {}
@@ -187,17 +191,26 @@ class RemoteLayers:
                 )
                 metrics.LAZY_MOUNT_FALLBACKS.labels(reason="no_ztoc").inc()
             return await self._local(image.ref, plan, reason, commit)
+        why = await trio.to_thread.run_sync(
+            self.rejected.reason, spec.layer_digest, spec.ztoc_digest
+        )
+        if why is not None:
+            return await self._rejected(image.ref, plan, key, commit, why)
         layer_dir = str(self.plane.mountpoint / spec.layer_id)
         async with self._locked(layer_dir):
             try:
                 path = await self.plane.mount(spec)
             except PysociError as e:
                 error = e
+                if isinstance(e, ZtocRejectedError):
+                    why = str(e)
             else:
                 result = RemoteLayer(str(path), remote=True, labels=spec.to_labels())
                 log.info("snapshot %s: layer %s served lazily at %s", key, plan.layer.digest, path)
                 await self._commit(result, commit, spec)
                 return result
+        if why is not None:
+            return await self._rejected(image.ref, plan, key, commit, why)
         log.error(
             "snapshot %s: LAZY MOUNT FAILED for layer %s of %s (%s); unpacking it locally",
             key,
@@ -208,6 +221,25 @@ class RemoteLayers:
         metrics.LAZY_MOUNT_FALLBACKS.labels(reason="mount_failed").inc()
         reason = f"unpacked by pysoci: the lazy mount failed ({error})"[:1000]
         return await self._local(image.ref, plan, reason, commit)
+
+    async def _rejected(
+        self, ref: Reference, plan: LayerPlan, key: str, commit: Commit | None, why: str
+    ) -> RemoteLayer:
+        """A layer whose zTOC was proven to lie is unpacked locally (its diff ID checked)."""
+        assert plan.spec is not None
+        log.error(
+            "snapshot %s: layer %s of %s is NOT served lazily: its zTOC %s (SOCI index %s) was "
+            "rejected (%s); unpacking it locally",
+            key,
+            plan.layer.digest,
+            ref,
+            plan.spec.ztoc_digest,
+            plan.spec.index_digest or "(unknown)",
+            why,
+        )
+        metrics.LAZY_MOUNT_FALLBACKS.labels(reason="ztoc_rejected").inc()
+        reason = f"unpacked by pysoci: its zTOC was rejected ({why})"[:1000]
+        return await self._local(ref, plan, reason, commit)
 
     async def _local(
         self, ref: Reference, plan: LayerPlan, reason: str, commit: Commit | None
