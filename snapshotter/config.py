@@ -239,7 +239,7 @@ class PrefetchConfig:
 
 @dataclass(frozen=True)
 class PullModeConfig:
-    """`[pull_modes.soci_v1]` / `[pull_modes.soci_v2]`."""
+    """`[pull_modes.soci_v1]` / `[pull_modes.soci_v2]` / `[pull_modes.local_store]`."""
 
     enable: bool = True
 
@@ -251,6 +251,9 @@ class PullModesConfig:
     soci_v1: PullModeConfig = field(default_factory=lambda: PullModeConfig(enable=True))
     """soci's default is off; pysoci turns it on because `pysoci create/push` make v1 indexes."""
     soci_v2: PullModeConfig = field(default_factory=PullModeConfig)
+    local_store: PullModeConfig = field(default_factory=PullModeConfig)
+    """v1 indexes in ROOT/content (`pysoci create`), looked up with soci_v1 on (a pysoci
+    key: soci has no local store)."""
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,11 @@ def registry_client(config: Config) -> RegistryClient:
 
 def modes(config: Config) -> Modes:
     """Which ways of finding an index the config enables."""
-    return Modes(v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable)
+    return Modes(
+        v1=config.pull_modes.soci_v1.enable,
+        v2=config.pull_modes.soci_v2.enable,
+        local=config.pull_modes.local_store.enable,
+    )
 
 
 async def serve_daemon(

@@ -100,7 +100,11 @@ async def _serve(args: argparse.Namespace, config: Config, ready: Any) -> None:
         await nursery.start(lazy.run)
         resolver = ImageResolver(
             client,
-            modes=Modes(v1=config.pull_modes.soci_v1.enable, v2=config.pull_modes.soci_v2.enable),
+            modes=Modes(
+                v1=config.pull_modes.soci_v1.enable,
+                v2=config.pull_modes.soci_v2.enable,
+                local=config.pull_modes.local_store.enable,
+            ),
             local_store_dir=root / "content",
         )
         plane = LocalDataPlane(lazy, client, local_store_dir=root / "content")

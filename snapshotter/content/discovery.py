@@ -48,6 +48,8 @@ class Modes:
 
     v1: bool = True
     v2: bool = True
+    local: bool = True
+    """v1 indexes found in the local content store (`pysoci create`), with v1 on."""
 
 
 async def _index_by_digest(
@@ -102,11 +104,18 @@ async def find_soci_index(
     if explicit_digest:
         desc, idx, local = await _index_by_digest(client, ref, explicit_digest, store)
         return FoundIndex(desc, idx, "explicit (local)" if local else "explicit")
-    if modes.v2:
-        digest = soci_index.find_soci_index_digest(manifest)
-        if digest:
-            desc, idx, local = await _index_by_digest(client, ref, digest, store)
-            return FoundIndex(desc, idx, "v2-annotation (local)" if local else "v2-annotation")
+    digest = soci_index.find_soci_index_digest(manifest)
+    if digest and not modes.v2:
+        log.info(
+            "ignoring the SOCI index %s that %s@%s names: v2 indexes are not trusted "
+            "([pull_modes.soci_v2] enable = false)",
+            digest,
+            ref,
+            manifest_digest,
+        )
+    if modes.v2 and digest:
+        desc, idx, local = await _index_by_digest(client, ref, digest, store)
+        return FoundIndex(desc, idx, "v2-annotation (local)" if local else "v2-annotation")
     if modes.v1:
         try:
             referrers = await client.referrers(ref, manifest_digest, soci_index.SOCI_INDEX_V1)
@@ -124,8 +133,23 @@ async def find_soci_index(
         # The local store holds v1 indexes (`pysoci create`), so v1 mode governs it too.
         if store is not None:
             found = _local_index(store, manifest_digest)
-            if found is not None:
+            if found is not None and modes.local:
                 return FoundIndex(found[0], found[1], "local")
+            if found is not None:
+                log.info(
+                    "ignoring the SOCI index %s of %s@%s in the local content store: it is "
+                    "not trusted ([pull_modes.local_store] enable = false)",
+                    found[0].digest,
+                    ref,
+                    manifest_digest,
+                )
+    else:
+        log.info(
+            "not looking for SOCI index v1 referrers of %s@%s: they are not trusted "
+            "([pull_modes.soci_v1] enable = false)",
+            ref,
+            manifest_digest,
+        )
     return None
 
 
