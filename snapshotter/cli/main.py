@@ -8,7 +8,15 @@ import sys
 from collections.abc import Sequence
 
 from snapshotter import __version__
-from snapshotter.cli import dataplane_cmd, index_cmd, mount_cmd, serve_cmd, status_cmd, ztoc_cmd
+from snapshotter.cli import (
+    dataplane_cmd,
+    index_cmd,
+    mount_cmd,
+    prefetch_cmd,
+    serve_cmd,
+    status_cmd,
+    ztoc_cmd,
+)
 from snapshotter.errors import PysociError
 
 
@@ -35,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.register(sub)
     dataplane_cmd.register(sub)
     status_cmd.register(sub)
+    prefetch_cmd.register(sub)
     return parser
 
 
