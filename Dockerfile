@@ -22,11 +22,12 @@ RUN python3 -m venv /opt/pysoci \
  && /opt/pysoci/bin/pip install --no-cache-dir /src
 
 # Runtime: the venv (same Debian, same python3 path) plus what the daemon calls at run time:
-# libfuse3 and fusermount3 (fuse3), the system libz (zlib1g, through ctypes), CA roots.
+# libfuse3 and fusermount3 (fuse3), the system libz (zlib1g) and ISA-L (libisal2), both through
+# ctypes, CA roots.
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      python3 fuse3 libfuse3-3 zlib1g ca-certificates \
+      python3 fuse3 libfuse3-3 zlib1g libisal2 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/pysoci /opt/pysoci
 # Every key commented out with its default; mount the node's /etc/pysoci over it.

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   docker-registry        # the real registry the registry tests run against (and its proxy mode)
   nginx                  # a registry mirror caching byte ranges (slice module): fleet tests
   systemd                # systemd-analyze verify and systemd-socket-activate (unit tests)
+  libisal2               # ISA-L: span inflation at about twice zlib's speed (ctypes; zlib without it)
   zlib1g-dev             # soci-snapshotter's zTOC code links libz through cgo (go-tools.sh)
   strace                 # bench/filelist.py: the files a workload reads (prefetch lists)
 )

@@ -124,7 +124,7 @@ REGISTRY_ERRORS = Counter(
     registry=REGISTRY,
 )
 
-for _kind in (ON_DEMAND, BACKGROUND):
+for _kind in (ON_DEMAND, PREFETCH, BACKGROUND):
     SPAN_FETCHES.labels(_kind)
     SPAN_FETCH_BYTES.labels(_kind)
     SPAN_FETCH_SECONDS.labels(_kind)

@@ -7,6 +7,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, Final
 
+from snapshotter.compression import isal
 from snapshotter.compression.layer_index import LayerIndexResult
 from snapshotter.compression.zlib import (
     DATA_TYPE_BITS_MASK,
@@ -234,6 +235,10 @@ def inflate_spans(
             "compressed bytes"
         )
     src = memoryview(compressed).cast("B")
+    if isal.available():
+        fast = isal.inflate_run(zinfo.window(first), zinfo.bits(first), src, want)
+        if fast is not None:
+            return bytes(fast)
     out = bytearray(want)
     n = len(src)
     with Inflater(WBITS_RAW) as inflater:

@@ -9,7 +9,9 @@ span digests of the same compressed bytes matched (see fetch/spans.py).
 
 from __future__ import annotations
 
+from snapshotter.compression import isal
 from snapshotter.compression.gzip import GZIP_TRAILER_SIZE, MAX_DEFLATE_RATIO
+from snapshotter.compression.isal import RawInflater
 from snapshotter.compression.zlib import WBITS_GZIP, WBITS_RAW, Z_NO_FLUSH, Z_STREAM_END, Inflater
 from snapshotter.errors import CheckpointError, CompressionError
 from snapshotter.soci.zinfo import WINDOW_SIZE, GzipZinfo
@@ -38,9 +40,14 @@ class SpanStreamInflater:
         self._skip = 0
         self._raw = True
         self._inflater = Inflater(WBITS_RAW)
+        self._fast: RawInflater | None = None
+        self._use_fast = isal.available()
         self._primed = zinfo.bits(first) == 0
         if self._primed:
-            self._inflater.set_dictionary(zinfo.window(first))
+            if self._use_fast:
+                self._fast = RawInflater(zinfo.window(first))
+            else:
+                self._inflater.set_dictionary(zinfo.window(first))
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         """Inflate what `chunk` (the next compressed bytes of the run) allows."""
@@ -54,10 +61,24 @@ class SpanStreamInflater:
         pos = 0
         if not self._primed and n:
             bits = self._zinfo.bits(self._first)
-            self._inflater.prime(bits, src[0] >> (8 - bits))
-            self._inflater.set_dictionary(self._zinfo.window(self._first))
+            window = self._zinfo.window(self._first)
+            if self._use_fast:
+                self._fast = RawInflater(window, bits, src[0])
+            else:
+                self._inflater.prime(bits, src[0] >> (8 - bits))
+                self._inflater.set_dictionary(window)
             self._primed = True
             pos = 1
+        if self._fast is not None:
+            if pos < n and self._done < self._want:
+                _, produced = self._fast.inflate(src, self._out, pos, self._done)
+                self._done += produced
+                if self._fast.finished and self._done < self._want:
+                    # A gzip member ends inside the run: the zlib path crosses such boundaries.
+                    raise CompressionError(
+                        f"spans {self._first}..{self._last}: a gzip member ends inside them"
+                    )
+            return
         while pos < n and self._done < self._want:
             if self._skip:
                 step = min(self._skip, n - pos)

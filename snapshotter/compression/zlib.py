@@ -137,7 +137,7 @@ Buffer = bytes | bytearray | memoryview
 WritableBuffer = bytearray | memoryview
 
 
-class _Pin:
+class Pin:
     """A C-contiguous buffer's address, held (export kept open) until release()."""
 
     __slots__ = ("_view", "address", "obj", "size")
@@ -174,8 +174,8 @@ class Inflater:
     def __init__(self, wbits: int = WBITS_AUTO) -> None:
         self._stream: _ZStream | None = _ZStream()
         self._strm_ref = ctypes.byref(self._stream)
-        self._in: _Pin | None = None
-        self._out: _Pin | None = None
+        self._in: Pin | None = None
+        self._out: Pin | None = None
         ret = _inflateInit2_(self._strm_ref, wbits, _VERSION_ARG, ctypes.sizeof(_ZStream))
         if ret != Z_OK:
             self._stream = None
@@ -210,7 +210,7 @@ class Inflater:
     def set_dictionary(self, dictionary: Buffer) -> None:
         """Preset the sliding window (raw streams: right after init/reset)."""
         self._check_open()
-        pin = _Pin(dictionary, writable=False)
+        pin = Pin(dictionary, writable=False)
         try:
             ret = _inflateSetDictionary(self._strm_ref, pin.address, pin.size)
         finally:
@@ -254,13 +254,13 @@ class Inflater:
             if pin_in is not None:
                 pin_in.release()
             self._in = None
-            pin_in = self._in = _Pin(data, writable=False)
+            pin_in = self._in = Pin(data, writable=False)
         pin_out = self._out
         if pin_out is None or pin_out.obj is not out:
             if pin_out is not None:
                 pin_out.release()
             self._out = None
-            pin_out = self._out = _Pin(out, writable=True)
+            pin_out = self._out = Pin(out, writable=True)
         end = pin_out.size if out_end is None else out_end
         if not (0 <= in_pos <= pin_in.size and 0 <= out_pos <= end <= pin_out.size):
             raise ValueError("inflate positions out of range")

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
+import httpcore
 import httpx
 
 from snapshotter import metrics
@@ -30,6 +31,11 @@ from snapshotter.config import HttpConfig
 from snapshotter.errors import RegistryUnavailableError
 
 log = logging.getLogger(__name__)
+
+# httpcore receives a body 64 KiB at a time, and each chunk then goes through h11, httpcore,
+# httpx and our reader in Python: for megabyte spans that per-chunk cost was a sizable part of
+# the data plane's CPU. A receive returns what the socket has, up to this.
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 RETRYABLE_EXCEPTIONS: tuple[type[Exception], ...] = (
     httpx.TimeoutException,
