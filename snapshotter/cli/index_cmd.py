@@ -31,11 +31,14 @@ from snapshotter.content.indexing import (
 from snapshotter.content.layout import OciLayout
 from snapshotter.content.remote import RemoteStore
 from snapshotter.errors import ContentNotFoundError
+from snapshotter.prefetch.build import PrefetchInputs, parse_paths_json
+from snapshotter.prefetch.record import ImageRecording, parse_recordings
 from snapshotter.registry.reference import Reference, parse_reference
 from snapshotter.soci import oci
 from snapshotter.soci.build import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 
 T = TypeVar("T")
+MAX_PREFETCH_INPUT = 64 << 20
 
 
 def _layout_ref(text: str) -> tuple[str, str]:
@@ -73,6 +76,29 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
         help="platform to index (repeatable; default: this host's)",
     )
     p.add_argument("--all-platforms", action="store_true", help="index every platform")
+    p.add_argument(
+        "--prefetch-file",
+        "--prefetch-files",
+        dest="prefetch_file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file whose spans nodes fetch at once when they mount its layer: a SOCI "
+        "prefetch artifact per layer that has it (repeatable; as soci's flag)",
+    )
+    p.add_argument(
+        "--prefetch-files-json",
+        type=Path,
+        metavar="FILE",
+        help="a JSON array of such paths (as soci's flag)",
+    )
+    p.add_argument(
+        "--prefetch-from",
+        type=Path,
+        metavar="FILE",
+        help="a recorded start (`pysoci prefetch show --json` output): the spans it read "
+        "become the prefetch artifacts (its files, where the zTOC differs)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
@@ -174,12 +200,26 @@ def _local_store(args: argparse.Namespace, *, create: bool = False) -> OciLayout
     return OciLayout.open(path, create=create)
 
 
+def _prefetch_inputs(args: argparse.Namespace) -> PrefetchInputs:
+    paths = list(args.prefetch_file)
+    if args.prefetch_files_json is not None:
+        with open(args.prefetch_files_json, "rb") as f:
+            paths.extend(parse_paths_json(f.read(MAX_PREFETCH_INPUT + 1)))
+    recordings: list[ImageRecording] = []
+    if args.prefetch_from is not None:
+        with open(args.prefetch_from, "rb") as f:
+            data = f.read(MAX_PREFETCH_INPUT + 1)
+        recordings = parse_recordings(data, max_size=MAX_PREFETCH_INPUT)
+    return PrefetchInputs(tuple(paths), tuple(recordings))
+
+
 def _options(args: argparse.Namespace) -> IndexOptions:
     return IndexOptions(
         span_size=args.span_size,
         min_layer_size=args.min_layer_size,
         platforms=tuple(oci.parse_platform(p) for p in args.platform),
         all_platforms=args.all_platforms,
+        prefetch=_prefetch_inputs(args),
     )
 
 

@@ -23,10 +23,11 @@ from snapshotter.compression.detect import (
 )
 from snapshotter.content.layout import OciLayout
 from snapshotter.errors import DigestMismatchError, FormatError, ManifestError
+from snapshotter.prefetch.build import PrefetchInputs, build_prefetches
 from snapshotter.soci import index as soci_index
 from snapshotter.soci import oci
 from snapshotter.soci.build import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE, ZtocBuilder
-from snapshotter.soci.ztoc import encode_ztoc
+from snapshotter.soci.ztoc import Ztoc, decode_ztoc, encode_ztoc
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class IndexOptions:
     all_platforms: bool = False
     build_tool_identifier: str = BUILD_TOOL_IDENTIFIER
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    prefetch: PrefetchInputs = field(default_factory=PrefetchInputs)
+    """Files and recorded starts to make prefetch artifacts of (none by default)."""
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,7 @@ class LayoutIndexer:
         idx = soci_index.SociIndex(
             version=version,
             ztocs=ztocs,
-            prefetches=[],
+            prefetches=self._prefetches(manifest_desc, ztocs),
             subject=subject,
             annotations={
                 soci_index.ANNOTATION_BUILD_TOOL_IDENTIFIER: self.options.build_tool_identifier
@@ -281,6 +284,22 @@ class LayoutIndexer:
             platform=manifest_desc.platform,
         )
         return IndexResult(manifest_desc, idx, desc, layer_outcomes)
+
+    def _prefetches(
+        self, manifest_desc: oci.Descriptor, ztocs: list[oci.Descriptor]
+    ) -> list[oci.Descriptor]:
+        if not self.options.prefetch:
+            return []
+
+        def load(desc: oci.Descriptor) -> Ztoc:
+            return decode_ztoc(self.layout.read_blob(desc.digest, max_size=1 << 30))
+
+        built = build_prefetches(ztocs, load, self.options.prefetch)
+        for path in built.missing:
+            log.warning("prefetch file %s not found in any layer of %s", path, manifest_desc.digest)
+        for artifact in built.artifacts:
+            self.layout.write_blob(artifact.blob)
+        return [a.descriptor for a in built.artifacts]
 
     def _index_all(self, manifests: list[oci.Descriptor], version: int) -> list[IndexResult]:
         layers = [layer for m in manifests for layer in self._manifest(m).layers]

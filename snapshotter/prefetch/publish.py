@@ -23,28 +23,17 @@ from dataclasses import dataclass, field
 from snapshotter.content.discovery import FoundIndex, Modes, find_soci_index
 from snapshotter.content.remote import referrers_fallback_tag
 from snapshotter.errors import ContentNotFoundError, ManifestError, RegistryNotFoundError
+from snapshotter.prefetch.artifact import LayerArtifact, artifact_for
 from snapshotter.prefetch.record import ImageRecording
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.reference import Reference
 from snapshotter.soci import index as soci_index
 from snapshotter.soci import oci
-from snapshotter.soci.index import PrefetchArtifact, SociIndex
-from snapshotter.soci.prefetch import runs_in_order
+from snapshotter.soci.index import SociIndex
 
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST = 4 << 20
-
-
-@dataclass(frozen=True)
-class LayerArtifact:
-    """One layer's prefetch artifact: its descriptor and blob."""
-
-    layer_digest: str
-    descriptor: oci.Descriptor
-    blob: bytes
-    spans: int
-    runs: int
 
 
 @dataclass
@@ -55,15 +44,6 @@ class PrefetchIndex:
     artifacts: list[LayerArtifact]
     skipped: list[str] = field(default_factory=list)
     """Why recorded layers got no artifact."""
-
-
-def artifact_for(layer_digest: str, spans: list[int] | tuple[int, ...]) -> LayerArtifact:
-    """The prefetch artifact of one layer's spans (in the order given)."""
-    runs = runs_in_order(spans)
-    blob = soci_index.encode_prefetch(PrefetchArtifact(layer_digest, tuple(runs)))
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    desc = soci_index.prefetch_descriptor(digest, len(blob), layer_digest=layer_digest)
-    return LayerArtifact(layer_digest, desc, blob, len(set(spans)), len(runs))
 
 
 def prefetch_index(index: SociIndex, recording: ImageRecording) -> PrefetchIndex:
