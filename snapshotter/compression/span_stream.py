@@ -10,6 +10,7 @@ span digests of the same compressed bytes matched (see fetch/spans.py).
 from __future__ import annotations
 
 from snapshotter.compression import isal
+from snapshotter.compression.buffers import SPAN_BUFFERS
 from snapshotter.compression.gzip import GZIP_TRAILER_SIZE, MAX_DEFLATE_RATIO
 from snapshotter.compression.isal import RawInflater
 from snapshotter.compression.zlib import WBITS_GZIP, WBITS_RAW, Z_NO_FLUSH, Z_STREAM_END, Inflater
@@ -34,7 +35,8 @@ class SpanStreamInflater:
                 f"spans {first}..{last}: {self._want} bytes cannot come from {self._c_size} "
                 "compressed bytes"
             )
-        self._out = bytearray(self._want)
+        self._out = SPAN_BUFFERS.take(self._want)
+        self._owns_out = True
         self._done = 0
         self._fed = 0
         self._skip = 0
@@ -102,18 +104,23 @@ class SpanStreamInflater:
                 break  # needs the next chunk
         self._inflater.release_buffers()
 
-    def finish(self) -> bytes:
-        """The inflated spans; CompressionError unless they came out whole."""
+    def finish(self) -> memoryview:
+        """The inflated spans, in a buffer of `SPAN_BUFFERS` the caller gives back once it
+        copied them out; CompressionError unless they came out whole."""
         try:
             if self._done != self._want:
                 raise CompressionError(
                     f"spans {self._first}..{self._last}: compressed data ended after "
                     f"{self._done} of {self._want} bytes"
                 )
-            return bytes(self._out)
+            self._owns_out = False
+            return self._out
         finally:
             self.close()
 
     def close(self) -> None:
-        """Free the inflater (idempotent)."""
+        """Free the inflater and, unless `finish` handed it over, the buffer (idempotent)."""
         self._inflater.close()
+        if self._owns_out:
+            self._owns_out = False
+            SPAN_BUFFERS.give(self._out)

@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol
 import trio
 
 from snapshotter import metrics
+from snapshotter.compression.buffers import SPAN_BUFFERS
 from snapshotter.compression.gzip import LayerVerifier, check_windows, inflate_spans
 from snapshotter.compression.span_stream import SpanStreamInflater
 from snapshotter.errors import (
@@ -107,7 +108,7 @@ class _StreamJob:
     def __init__(self, zinfo: GzipZinfo, first: int, last: int, skip: int) -> None:
         self._zinfo, self._first, self._last, self._skip = zinfo, first, last, skip
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._result: bytes | None = None
+        self._result: memoryview | None = None
         self._thread = threading.Thread(target=self._run, name="span-stream", daemon=True)
         self._thread.start()
 
@@ -149,7 +150,7 @@ class _StreamJob:
             if stream is not None:
                 stream.close()
 
-    def finish(self) -> bytes | None:
+    def finish(self) -> memoryview | None:
         """Wait for the thread; the inflated run, or None when the stream did not make it."""
         self._queue.put(_END)
         self._thread.join()
@@ -791,9 +792,13 @@ class SpanManager:
                     job.abandon()
                 raise
             streamed = None if job is None else await trio.to_thread.run_sync(job.finish)
-            good, bad, inflated = await trio.to_thread.run_sync(
-                self._store_job, runs, ranges, datas, inflate, streamed
-            )
+            try:
+                good, bad, inflated = await trio.to_thread.run_sync(
+                    self._store_job, runs, ranges, datas, inflate, streamed
+                )
+            finally:
+                if streamed is not None:
+                    SPAN_BUFFERS.give(streamed)  # its spans were copied out
             self._apply(good, inflated)
             if not bad:
                 return
@@ -893,7 +898,7 @@ class SpanManager:
         last: int,
         data: memoryview,
         base: int,
-        streamed: bytes | None = None,
+        streamed: memoryview | None = None,
     ) -> dict[int, bytes]:
         """Spans first..last decompressed from their bytes in `data` (at `base`), or taken
         from `streamed` (the same run, inflated while it arrived) when given."""
@@ -1004,7 +1009,7 @@ class SpanManager:
         ranges: list[tuple[int, int]],
         datas: list[bytes],
         inflate: bool,
-        streamed: bytes | None = None,
+        streamed: memoryview | None = None,
     ) -> tuple[list[int], list[int], dict[int, bytes]]:
         """Verify fetched runs, keep their good spans on disk and, with `inflate`, decompress
         them (`streamed`: the one run already inflated as it arrived)."""
