@@ -335,6 +335,10 @@ class LayerVerifier:
         self._d: Any = zlib.decompressobj(WBITS_GZIP)
         self._padding = False
         self._pending = b""
+        self._finished = False
+        self._last_lo, self._last_hi = zinfo.uncompressed_bounds(zinfo.num_spans - 1)
+        self._last_sha = hashlib.sha256()
+        """Of the layer's bytes in its last span (see `check_last_span`)."""
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         """Inflate and check the next compressed bytes of the layer."""
@@ -384,6 +388,9 @@ class LayerVerifier:
                 )
             self._next += 1
         self._sha.update(out)
+        lo, hi = max(self._last_lo, self._out), min(self._last_hi, end)
+        if lo < hi:
+            self._last_sha.update(out[lo - self._out : hi - self._out])
         self._tail = (self._tail + out)[-WINDOW_SIZE:]
         self._out = end
 
@@ -396,6 +403,7 @@ class LayerVerifier:
             raise ZtocMismatchError(
                 f"the zTOC lies: the layer inflates to {self._out} bytes, the zTOC says {usize}"
             )
+        self._finished = True
         if self._diff_id:
             got = "sha256:" + self._sha.hexdigest()
             if got != self._diff_id:
@@ -403,3 +411,22 @@ class LayerVerifier:
                     f"the layer's uncompressed digest is {got}, its image config says "
                     f"{self._diff_id}"
                 )
+
+    def check_last_span(self, compressed: bytes | bytearray | memoryview) -> None:
+        """After `finish`: the last span inflated from its own checkpoint (its `in` and
+        `bits`, which no window after it can refute) from its `compressed` bytes must be the
+        layer's bytes there. ZtocMismatchError if not."""
+        if not self._finished:
+            raise RuntimeError("check_last_span() before finish()")
+        last = self._zinfo.num_spans - 1
+        try:
+            plain = inflate_spans(self._zinfo, last, last, compressed)
+        except CompressionError as e:
+            raise ZtocMismatchError(
+                f"the zTOC lies: span {last} does not inflate from its checkpoint: {e}"
+            ) from e
+        if hashlib.sha256(plain).digest() != self._last_sha.digest():
+            raise ZtocMismatchError(
+                f"the zTOC lies: span {last} inflated from its checkpoint is not the layer's "
+                "bytes there"
+            )

@@ -1256,6 +1256,8 @@ class SpanManager:
             for start in range(0, self._size, _VERIFY_CHUNK):
                 verifier.feed(self._cache.read(start, min(self._size, start + _VERIFY_CHUNK)))
             verifier.finish()
+            lo, hi = zinfo.compressed_bounds(zinfo.num_spans - 1)
+            verifier.check_last_span(self._cache.read(lo, hi))
 
         with self._busy_section():
             self._check_open()

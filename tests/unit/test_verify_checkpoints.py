@@ -301,3 +301,46 @@ async def test_two_ztocs_of_one_layer_do_not_share_inflated_spans(tmp_path: Path
         await liar.close()
         await honest.close()
         nursery.cancel_scope.cancel()
+
+
+def shifted_last(lay: FetchLayer) -> Ztoc:
+    """The zTOC with its last checkpoint moved to another compressed offset (its window
+    kept), and span digests that match the moved bounds: every check of a span's bytes
+    passes, and no window after it exists to refute it."""
+    ztoc = lay.ztoc
+    last = zinfo_of(ztoc).num_spans - 1
+    blob = bytearray(bytes(ztoc.checkpoints))
+    at = HEADER_SIZE + last * CHECKPOINT_SIZE
+    old_in = int.from_bytes(blob[at : at + 8], "little")
+    blob[at : at + 8] = (old_in + 101).to_bytes(8, "little")
+    blob[at + 16] = 3
+    moved = dataclasses.replace(ztoc, checkpoints=bytes(blob))
+    zi = zinfo_of(moved)
+    digests = list(ztoc.span_digests)
+    for s in (last - 1, last):
+        lo, hi = zi.compressed_bounds(s)
+        digests[s] = "sha256:" + hashlib.sha256(lay.blob[lo:hi]).hexdigest()
+    return dataclasses.replace(moved, span_digests=digests)
+
+
+async def test_the_background_pass_proves_the_last_checkpoint_offset(tmp_path: Path) -> None:
+    lay = layer()
+    ztoc = shifted_last(lay)
+    rejections: list[str] = []
+    async with trio.open_nursery() as nursery:
+        m = await open_manager(
+            nursery,
+            lay,
+            ztoc,
+            BlobRangeSource(lay.blob),
+            tmp_path,
+            fetch_config(readahead_spans=0),
+            rejections,
+        )
+        while (claim := m.claim_missing(1 << 30)) is not None:
+            await m.fill(claim)
+        with pytest.raises(ZtocRejectedError, match="from its checkpoint"):
+            await m.verify_layer()
+        assert rejections and m.status()["state"] == "rejected"
+        await m.close()
+        nursery.cancel_scope.cancel()
