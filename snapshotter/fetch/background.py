@@ -19,7 +19,7 @@ from typing import Final, Literal
 import trio
 
 from snapshotter import metrics
-from snapshotter.errors import PysociError
+from snapshotter.errors import PysociError, ZtocRejectedError
 from snapshotter.fetch.config import FetchConfig
 from snapshotter.fetch.spans import ForegroundActivity, SpanClaim, SpanManager
 from snapshotter.logs import log_context
@@ -150,6 +150,7 @@ class BackgroundFetcher:
             retry = self._retry_at.get(manager)
             if retry is None or retry[0] <= now:
                 ready.append(manager)
+        ready = [m for m in ready if not m.rejected]  # its zTOC lies: nothing more to do
         for manager in ready:
             if manager.complete:
                 if manager.layer_verified is None and manager not in self._verifying:
@@ -235,6 +236,8 @@ class BackgroundFetcher:
                 if await manager.verify_layer():
                     self.layers_verified += 1
                     log.info("layer %s: fetched completely and verified", manager.digest)
+        except ZtocRejectedError:
+            pass  # logged, counted and recorded where it was found; never retried
         except (PysociError, OSError) as exc:
             self._failed(manager, "whole-layer check", exc)
         finally:

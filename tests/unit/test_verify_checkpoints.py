@@ -23,9 +23,10 @@ from snapshotter import metrics
 from snapshotter.compression.gzip import LayerVerifier, check_windows, inflate_spans
 from snapshotter.config import fetch_config
 from snapshotter.errors import ZtocMismatchError, ZtocRejectedError
+from snapshotter.fetch.background import BackgroundFetcher
 from snapshotter.fetch.cache import DiskCache
 from snapshotter.fetch.config import FetchConfig
-from snapshotter.fetch.spans import SpanManager, SpanMemoryCache
+from snapshotter.fetch.spans import ForegroundActivity, SpanManager, SpanMemoryCache
 from snapshotter.soci.zinfo import (
     CHECKPOINT_SIZE,
     HEADER_SIZE,
@@ -342,5 +343,38 @@ async def test_the_background_pass_proves_the_last_checkpoint_offset(tmp_path: P
         with pytest.raises(ZtocRejectedError, match="from its checkpoint"):
             await m.verify_layer()
         assert rejections and m.status()["state"] == "rejected"
+        await m.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_background_fetcher_rejects_once_and_leaves_the_layer(tmp_path: Path) -> None:
+    lay = layer()
+    last = zinfo_of(lay.ztoc).num_spans - 1
+    config = fetch_config(silence_period_msec=0, fetch_period_msec=20, readahead_spans=0)
+    fetcher = BackgroundFetcher(config, ForegroundActivity())
+    rejections: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        m = await open_manager(
+            nursery, lay, lying(lay.ztoc, [last]), BlobRangeSource(lay.blob), tmp_path, config,
+            rejections,
+        )  # fmt: skip
+        calls = 0
+        verify = m.verify_layer
+
+        async def counted() -> bool:
+            nonlocal calls
+            calls += 1
+            return await verify()
+
+        m.verify_layer = counted  # type: ignore[method-assign]
+        fetcher.add(m)
+        with trio.fail_after(20):
+            while not m.rejected:
+                await trio.sleep(0.01)
+        await trio.sleep(1.5)  # past the first retry backoff (1 s): no retry may come
+        assert calls == 1 and len(rejections) == 1
+        assert fetcher._next_job() is None
+        await fetcher.close()
         await m.close()
         nursery.cancel_scope.cancel()
