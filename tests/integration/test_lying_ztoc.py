@@ -181,7 +181,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         "[background_fetch]\nsilence_period_msec = 100\nfetch_period_msec = 50\n"
         f'[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
     )
-    pysoci = Pysoci(tmp / "pysoci", tmp / "pysoci.sock", tmp / "pysoci.log", config)
+    # Socket-activated, as the shipped units run it: containerd's calls wait across restarts.
+    pysoci = Pysoci(
+        tmp / "pysoci", tmp / "pysoci.sock", tmp / "pysoci.log", config, socket_activated=True
+    )
     pysoci.start()
     cd = start_containerd(tmp / "cd", tmp / "pysoci.sock")
     try:
