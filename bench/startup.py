@@ -17,8 +17,7 @@ the pull to the first output line of the container that says it is ready:
 - `pysoci+prefetch`: a first cold node pulls `REF:soci` and runs the workload (pysoci records
                    its start), `pysoci prefetch push` publishes the recording as SOCI
                    prefetch artifacts (`REF:soci-prefetch`); each cold run is then a fresh
-                   node pulling that, as `pysoci`. Left out of the default modes until
-                   `pysoci prefetch` exists (issue 13 §1; `pysoci_prefetch_image`).
+                   node (no recording of its own) pulling that, as `pysoci`.
 - `soci`:          the real soci-snapshotter-grpc v0.16.1 with containerd v1.7.35 (both built
                    from the Go module proxy by scripts/go-tools.sh):
                    `nerdctl --snapshotter soci pull REF:soci-v2` (the image indexed by the real
@@ -113,19 +112,6 @@ MODE_SPECS = {
     )
 }
 MODES = tuple(MODE_SPECS)
-
-
-def pysoci_prefetch_available() -> bool:
-    """Whether this pysoci has `pysoci prefetch` (issue 13 §1): else `pysoci+prefetch` is
-    left out of the default modes, and asking for it is an error."""
-    res = subprocess.run([PYSOCI, "prefetch", "--help"], capture_output=True, check=False)
-    return res.returncode == 0
-
-
-def default_modes() -> tuple[str, ...]:
-    if pysoci_prefetch_available():
-        return MODES
-    return tuple(m for m in MODES if m != "pysoci+prefetch")
 
 
 @dataclass(frozen=True)
@@ -236,8 +222,6 @@ def pysoci_prefetch_image(reg: ShapedRegistry, image: Image) -> dict[str, Any]:
     publishes the recording as SOCI prefetch artifacts in a new SOCI index of the image,
     tagged `:soci-prefetch`, which every `pysoci+prefetch` cold run pulls on a fresh node.
     Returns what `pysoci prefetch show` said was recorded."""
-    if not pysoci_prefetch_available():
-        raise SystemExit("pysoci+prefetch needs `pysoci prefetch` (issue 13 §1): not here yet")
     wl = images.WORKLOADS[image.name]
     ref = f"{image.repo}:soci"
     node = PysociNode(WORK / "record", reg.pull_host)
@@ -245,11 +229,28 @@ def pysoci_prefetch_image(reg: ShapedRegistry, image: Image) -> dict[str, Any]:
         node.pull(ref, True, READY_TIMEOUT)
         start_and_wait(node, ref, "record", True, wl)
         root = str(node.pysoci.root)
-        shown = json.loads(run(PYSOCI, "prefetch", "show", ref, "--root", root, "--json"))
-        log(f"{image.name}: pysoci prefetch push → :soci-prefetch")
-        run(PYSOCI, "prefetch", "push", ref, "--root", root, "--tag", "soci-prefetch",
+        # A layer's recording ends once its reads went quiet ([prefetch] quiet_period_sec).
+        deadline = time.monotonic() + 120
+        while True:
+            shown = json.loads(run(PYSOCI, "prefetch", "show", ref, "--root", root, "--json"))
+            layers = [la for r in shown["recordings"] for la in r["layers"]]
+            if layers and all(la["state"] != "recording" for la in layers):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{image.name}: the recording did not end: {layers!r:.300}")
+            time.sleep(1)
+        log(
+            f"{image.name}: pysoci prefetch push → :soci-prefetch "
+            f"({sum(len(la['spans']) for la in layers)} spans in {len(layers)} layers)"
+        )
+        run(PYSOCI, "prefetch", "push", ref, "--root", root, "--dst", f"{image.repo}:soci-prefetch",
             "--plain-http", timeout=1800)  # fmt: skip
-        return dict(shown) if isinstance(shown, dict) else {"recorded": shown}
+        return {
+            "layers": len(layers),
+            "spans": sum(len(la["spans"]) for la in layers),
+            "span_bytes": sum(la["span_bytes"] for la in layers),
+            "files": sum(len(la["files"]) for la in layers),
+        }
     finally:
         node.close()
 
@@ -693,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     REQUESTS_DIR = args.out if args.keep_requests else None
     names = _csv(args.images, images.WORKLOADS, "images")
     networks = _csv(args.networks, NETWORKS, "networks")
-    modes = tuple(_csv(args.modes or ",".join(default_modes()), MODE_SPECS, "modes"))
+    modes = tuple(_csv(args.modes or ",".join(MODES), MODE_SPECS, "modes"))
     data: dict[str, Any] = {"runs": [], "read": {}}
     if args.resume and (args.out / "startup.json").exists():
         data = json.loads((args.out / "startup.json").read_text())
