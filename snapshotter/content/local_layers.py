@@ -37,6 +37,8 @@ from snapshotter.soci import oci
 log = logging.getLogger(__name__)
 
 ROOT_MODE = 0o700
+DOWNLOAD_PREFIX = ".download-"
+"""Where a layer is downloaded and unpacked before it is renamed into place."""
 
 
 class LocalLayers:
@@ -46,6 +48,7 @@ class LocalLayers:
         self.root = root
         self.bounds = bounds or UnpackBounds()
         self._locks: dict[str, trio.Lock] = {}
+        self._downloading: set[str] = set()
         if root.is_dir():
             os.chmod(root, ROOT_MODE)
 
@@ -70,28 +73,56 @@ class LocalLayers:
             budget = self.bounds.budget(layer.size, f"layer {layer.digest}")
             budget.target = self.root
             budget.check_space("(download)", more=layer.size)
-            with tempfile.TemporaryDirectory(dir=self.root, prefix=".download-") as tmp:
-                blob = Path(tmp) / "blob"
+            with tempfile.TemporaryDirectory(dir=self.root, prefix=DOWNLOAD_PREFIX) as tmp:
+                self._downloading.add(tmp)
                 try:
-                    with open(blob, "wb") as f:
-                        async for chunk in client.fetch_blob(ref, layer.digest):
-                            f.write(chunk)
-                except OSError as e:
-                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-                    raise ResourceLimitError(
-                        f"downloading layer {layer.digest}: the filesystem of {self.root} is "
-                        f"full: {e}"
-                    ) from e
-                compression = compression_from_media_type(layer.media_type)
-                if compression is None:
-                    with open(blob, "rb") as f:
-                        compression = detect_compression(f.read(8))
-                work = Path(tmp) / "tree"
-                await trio.to_thread.run_sync(_apply_file, blob, compression, work, diff_id, budget)
-                os.rename(work, target)
-            log.info("layer %s unpacked locally at %s", layer.digest, target)
-            return target
+                    return await self._download(client, ref, layer, diff_id, budget, Path(tmp))
+                finally:
+                    self._downloading.discard(tmp)
+
+    async def _download(
+        self,
+        client: RegistryClient,
+        ref: Reference,
+        layer: oci.Descriptor,
+        diff_id: str | None,
+        budget: WriteBudget,
+        tmp: Path,
+    ) -> Path:
+        target = self.path(layer.digest)
+        blob = tmp / "blob"
+        try:
+            with open(blob, "wb") as f:
+                async for chunk in client.fetch_blob(ref, layer.digest):
+                    f.write(chunk)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ResourceLimitError(
+                f"downloading layer {layer.digest}: the filesystem of {self.root} is full: {e}"
+            ) from e
+        compression = compression_from_media_type(layer.media_type)
+        if compression is None:
+            with open(blob, "rb") as f:
+                compression = detect_compression(f.read(8))
+        work = tmp / "tree"
+        await trio.to_thread.run_sync(_apply_file, blob, compression, work, diff_id, budget)
+        os.rename(work, target)
+        log.info("layer %s unpacked locally at %s", layer.digest, target)
+        return target
+
+    def sweep_downloads(self) -> int:
+        """Delete what downloads cut short by a crash or a stop left (none in progress now);
+        how many."""
+        if not self.root.is_dir():
+            return 0
+        gone = 0
+        for entry in self.root.iterdir():
+            if entry.name.startswith(DOWNLOAD_PREFIX) and str(entry) not in self._downloading:
+                log.info("cleanup: removing the unfinished download %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                gone += 1
+        return gone
 
     def remove(self, digest: str) -> None:
         """Delete an extracted layer."""

@@ -376,6 +376,7 @@ class RemoteLayers:
     def _sweep_local(self, referenced: set[str]) -> None:
         if not self.local.root.is_dir():
             return
+        self.local.sweep_downloads()
         for entry in self.local.root.iterdir():
             if str(entry) not in referenced and not entry.name.startswith("."):
                 log.info("cleanup: removing unused local layer %s", entry)

@@ -680,3 +680,18 @@ def test_first_prepare_fetches_the_other_layers_ztocs_at_once(rig: Rig) -> None:
 
     assert trio.run(main) == [1, 1, 1]
     assert len(rig.lazy.mounts) == 3
+
+
+def test_restore_removes_downloads_a_crash_cut_short(rig: Rig) -> None:
+    """A download dir left by a killed daemon goes at the next restore; one in progress (of
+    this process) stays."""
+    layers = rig.layers()
+    root = rig.root / "layers"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".download-dead" / "tree").mkdir(parents=True)
+    (root / ".download-dead" / "blob").write_bytes(b"x" * 1000)
+    live = root / ".download-live"
+    live.mkdir()
+    layers.local._downloading.add(str(live))
+    trio.run(layers.restore, [])
+    assert sorted(p.name for p in root.iterdir()) == [".download-live"]
