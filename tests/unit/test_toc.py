@@ -19,7 +19,6 @@ import random
 import shutil
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -599,10 +598,8 @@ def test_bad_checksum_names_offset() -> None:
     ],
 )
 def test_non_tar_bytes(data: bytes) -> None:
-    start = time.monotonic()
     with pytest.raises(TarFormatError):
         build_toc([data])
-    assert time.monotonic() - start < 0.5
 
 
 def test_truncations() -> None:

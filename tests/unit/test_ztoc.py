@@ -7,7 +7,6 @@ import copy
 import hashlib
 import random
 import struct
-import time
 import tracemalloc
 from dataclasses import replace
 
@@ -395,14 +394,12 @@ def test_huge_length_fails_fast_without_allocating(what: str, length: int) -> No
     bad = bytearray(blob)
     struct.pack_into("<I", bad, pos[what], length)
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         with pytest.raises(ZtocError, match="out of bounds"):
             decode_ztoc(bytes(bad))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - t0 < 0.5
     assert peak < 256 * 1024
 
 
@@ -483,10 +480,10 @@ def _ztoc_sharing_one_file_table(n: int, xattrs: int, name: str) -> bytes:
 
 
 def test_shared_tables_cannot_amplify_work() -> None:
-    """20000 entries x 20000 xattrs through shared offsets: rejected in bounded time."""
+    """20000 entries x 20000 xattrs through shared offsets: rejected by the decode budget
+    (work bounded by the blob's size), not decoded 4e8 times."""
     blob = _ztoc_sharing_one_file_table(20000, 20000, "f")
     assert len(blob) < 2_000_000
-    t0 = time.perf_counter()
     with pytest.raises(ZtocError, match="budget"):
         decode_ztoc(blob)
     with pytest.raises(ZtocError, match="budget"):
@@ -494,16 +491,13 @@ def test_shared_tables_cannot_amplify_work() -> None:
         assert toc is not None
         for t in toc.vector_of_tables(0):
             t.vector_of_tables(13)
-    assert time.perf_counter() - t0 < 2
 
 
 def test_shared_strings_cost_nothing_extra() -> None:
-    """Many references to one long string decode fast (cached), and sharing is legal."""
+    """Many references to one long string decode once (cached), and sharing is legal."""
     blob = _ztoc_sharing_one_file_table(20000, 0, "n" * 100_000)
-    t0 = time.perf_counter()
     with pytest.raises(ZtocError, match="empty version"):
         decode_ztoc(blob)
-    assert time.perf_counter() - t0 < 1
     toc = flatbuf.root(blob, ZtocError).table(4)
     assert toc is not None
     names = [t.string(0) for t in toc.vector_of_tables(0)]
@@ -567,18 +561,12 @@ def test_fuzz_mutations(edits: list[tuple[int, int]], cut: int, tail: bytes) -> 
         validate_ztoc(decode_ztoc(data))
 
 
-def test_large_ztoc_speed() -> None:
+def test_large_ztoc_round_trip() -> None:
+    # How fast is bench/'s (make bench-lazyfs): here, that 20000 entries come back the same.
     n = 20000
     files = [FileMetadata(f"dir/file{i}", "reg", 512 + 1024 * i, 500) for i in range(n)]
     z = replace(sample_ztoc(), files=files, uncompressed_archive_size=1024 * n + 512)
-    t0 = time.perf_counter()
-    blob = encode_ztoc(z)
-    t1 = time.perf_counter()
-    assert decode_ztoc(blob) == z
-    t2 = time.perf_counter()
-    # generous bounds (about 10x the measured numbers) so a loaded CI machine does not flake
-    assert t1 - t0 < 4
-    assert t2 - t1 < 2
+    assert decode_ztoc(encode_ztoc(z)) == z
 
 
 # --- the flatbuffer reader itself -----------------------------------------------------------
