@@ -23,9 +23,10 @@ Container ids are used once; `ctr run` keeps runc's state in each containerd's o
 the teardown ends what a failed test left running and then checks that no process and no
 mount of the module's scratch directory is left.
 
-Prefetch: here pysoci parses soci's prefetch artifacts (test_soci_prefetch_artifacts_parse_in_pysoci)
-and serves the indexes that carry them; that a node fetches their spans ahead, and that soci
-reads the artifacts pysoci publishes, is tests/integration/test_prefetch_record.py's.
+Prefetch: here pysoci parses soci's prefetch artifacts
+(test_soci_prefetch_artifacts_parse_in_pysoci) and serves the indexes that carry them; that a
+node fetches their spans ahead, and that soci reads the artifacts pysoci publishes, is
+tests/integration/test_prefetch_record.py's.
 """
 
 from __future__ import annotations
