@@ -5,8 +5,9 @@ not yet checked) or VERIFIED (on disk and matching the zTOC digest); a span bein
 a pending `_Load` every interested reader waits on, so one fetch serves them all. Decompressed
 spans live in the shared, byte-bounded `SpanMemoryCache`. Once a gzip layer is complete, the
 background fetcher also keeps its spans decompressed on disk (`keep_inflated`): a read after
-that costs no inflate, however long ago the span left the memory cache. Until then nothing is
-added to the foreground path (a cold start inflates each span it needs once, as before).
+that costs no inflate, however long ago the span left the memory cache. Prefetched spans (a
+prefetch list, a reader's walk forward) are inflated as they arrive and kept so at once: the
+reader they were fetched for finds them ready.
 
 Bytes are served only after hashing: a span's compressed bytes are checked against its zTOC
 digest right after they arrive and again each time they are read back from disk to be
@@ -190,6 +191,10 @@ class SpanMemoryCache:
         self.hits += 1
         metrics.MEMORY_HITS.inc()
         return data
+
+    def peek(self, key: tuple[str, int]) -> bytes | None:
+        """The cached bytes, or None, leaving the LRU order and the hit counts alone."""
+        return self._entries.get(key)
 
     def put(self, key: tuple[str, int], data: bytes) -> bool:
         """Cache `data`, evicting least recently used spans; False if it can never fit."""
@@ -1103,10 +1108,23 @@ class SpanManager:
         return SpanClaim(spans, network_bytes, self._register(spans))
 
     async def fill(self, claim: SpanClaim, *, kind: str = metrics.BACKGROUND) -> None:
-        """Bring claimed spans to VERIFIED on disk (no inflate); errors are raised. `kind`
-        names the requests in the metrics (background or prefetch)."""
+        """Bring claimed spans to VERIFIED on disk; errors are raised. `kind` names the
+        requests in the metrics (background or prefetch). Prefetched gzip spans are inflated
+        too, while they download, into the memory cache and (`keep_inflated`, within the
+        cache bound) decompressed on disk: the reader they were fetched ahead of then waits
+        for no inflate. The background fill only fetches."""
+        inflate = kind == metrics.PREFETCH and self._gzip
         with self._background_section():
-            await self._load(claim._load, inflate=False, kind=kind)
+            await self._load(claim._load, inflate=inflate, kind=kind)
+            if inflate and self._keep_inflated:
+                fresh = {
+                    s: data
+                    for s in claim.spans
+                    if s not in self._inflated
+                    and (data := self._memory.peek((self._mem, s))) is not None
+                }
+                if fresh:
+                    self._inflated.update(await trio.to_thread.run_sync(self._persist_job, fresh))
 
     # ----------------------------------------------------------------- prefetch
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from snapshotter import metrics
@@ -93,6 +94,48 @@ async def test_queued_spans_are_fetched_in_runs_in_order_and_served(tmp_path: Pa
         assert await m.read(lo, 100) == lay.tar[lo : lo + 100]
         assert len(source.requests) == requests
         assert m.prefetch_pending == 0
+
+
+async def test_prefetched_spans_are_served_with_no_inflate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefetching inflates as it goes and keeps the spans decompressed on disk: a reader
+    after that inflates nothing, even once the memory cache forgot them."""
+    lay = make_layer(7, span_size=SPAN)
+    z = zinfo_of(lay)
+    source = BlobRangeSource(lay.blob)
+    activity = ForegroundActivity()
+    config = settings(prefetch_connections=2)
+    prefetcher = Prefetcher(config, activity)
+    disk = DiskCache(tmp_path, 1 << 30)
+    memory = SpanMemoryCache(16 << 20)
+    manager = SpanManager(
+        lay.digest,
+        lay.ztoc,
+        source,
+        disk.open_layer(lay.digest, len(lay.blob), uncompressed_size=z.uncompressed_size),
+        memory=memory,
+        config=config,
+        activity=activity,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        await nursery.start(prefetcher.run)
+        manager.prefetch(range(z.num_spans))
+        prefetcher.add(manager)
+        await until(lambda: manager.inflated_spans == z.num_spans)
+        memory.discard_layer(lay.digest)
+
+        def no_inflate(*args: object, **kw: object) -> bytes:
+            raise AssertionError("a prefetched span was inflated again")
+
+        monkeypatch.setattr("snapshotter.fetch.spans.inflate_spans", no_inflate)
+        monkeypatch.setattr("snapshotter.fetch.spans.SpanStreamInflater", no_inflate)
+        requests = len(source.requests)
+        assert await manager.read(0, len(lay.tar)) == lay.tar
+        assert len(source.requests) == requests
+        await manager.close()
+        nursery.cancel_scope.cancel()
 
 
 async def test_several_connections_and_verified_spans_are_skipped(tmp_path: Path) -> None:
