@@ -230,6 +230,7 @@ class LazyLayers:
             layer_digest,
             ztoc.compressed_archive_size,
             uncompressed_size=ztoc.uncompressed_archive_size if keep else None,
+            inflated_key=layer_id,
         )
         tracked = TrackedSource(source)
         try:

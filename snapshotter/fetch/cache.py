@@ -8,7 +8,10 @@ Layout under the cache root, one directory per layer digest (`sha256-<hex>`):
   the span's bytes were written (duplicates are harmless);
 - `inflated` and `inflated-spans` (gzip layers whose handle was opened with their uncompressed
   size): the same pair for decompressed spans, at their offsets in the tar, so a span read
-  again needs no inflate; each log line is `<span> <sha256 hex of its decompressed bytes>`.
+  again needs no inflate; each log line is `<span> <sha256 hex of its decompressed bytes>
+  <key>`, the key naming the zTOC the span was inflated with (its layer id): a handle opened
+  with another key (another image's index for the same layer) trusts none of those lines, so
+  one zTOC's inflated bytes never serve another's reads.
 
 Nothing is fsync'ed: a crash can leave a logged span with missing or partial bytes, which is
 fine because the span manager hashes every span (against its zTOC digest, or against the
@@ -153,10 +156,11 @@ class _LayerFiles:
 class LayerCache:
     """A handle on one layer's cached bytes; `close()` it when the layer is unmounted."""
 
-    def __init__(self, owner: DiskCache, files: _LayerFiles) -> None:
+    def __init__(self, owner: DiskCache, files: _LayerFiles, inflated_key: str = "") -> None:
         self._owner = owner
         self._files = files
         self._closed = False
+        self._key = inflated_key.encode()
 
     @property
     def digest(self) -> str:
@@ -214,7 +218,10 @@ class LayerCache:
             return {}
         spans: dict[int, str] = {}
         for line in os.pread(fd, os.fstat(fd).st_size, 0).split(b"\n"):
-            span, _, digest = line.partition(b" ")
+            span, _, rest = line.partition(b" ")
+            digest, _, key = rest.partition(b" ")
+            if key != self._key:
+                continue  # inflated with another zTOC (or a torn line)
             # A torn last line fails one of these checks and is skipped.
             if len(digest) == 64 and span.isdigit():
                 with contextlib.suppress(ValueError):
@@ -246,7 +253,8 @@ class LayerCache:
             raise ValueError(f"write [{start}, {start + len(data)}) outside the layer's tar")
         self._owner._make_room(len(data))
         _pwrite_all(fd, start, memoryview(data))
-        os.write(log_fd, f"{span} {digest}\n".encode())
+        key = f" {self._key.decode()}" if self._key else ""
+        os.write(log_fd, f"{span} {digest}{key}\n".encode())
         self._owner._grown(self._files)
 
     def fits(self, nbytes: int) -> bool:
@@ -324,10 +332,18 @@ class DiskCache:
             self._closed_sizes[digest] = _dir_allocated(entry)
 
     def open_layer(
-        self, digest: str, compressed_size: int, *, uncompressed_size: int | None = None
+        self,
+        digest: str,
+        compressed_size: int,
+        *,
+        uncompressed_size: int | None = None,
+        inflated_key: str = "",
     ) -> LayerCache:
         """A handle on the layer's cache (created empty if absent); with `uncompressed_size`,
-        the layer also keeps decompressed spans."""
+        the layer also keeps decompressed spans, those the handle logs and trusts being the
+        ones of `inflated_key` (the zTOC they are inflated with: no spaces)."""
+        if " " in inflated_key or "\n" in inflated_key:
+            raise FormatError(f"invalid inflated-span key {inflated_key[:80]!r}")
         if compressed_size < 0 or (uncompressed_size or 0) < 0:
             raise FormatError(f"negative layer size {compressed_size}/{uncompressed_size}")
         path = self.root / layer_dir_name(digest)
@@ -353,7 +369,7 @@ class DiskCache:
             files.refs += 1
             os.utime(path)
             self._evict_locked()
-        return LayerCache(self, files)
+        return LayerCache(self, files, inflated_key)
 
     def usage(self) -> int:
         """Allocated bytes of every cached layer."""

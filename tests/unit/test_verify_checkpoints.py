@@ -378,3 +378,25 @@ async def test_the_background_fetcher_rejects_once_and_leaves_the_layer(tmp_path
         await fetcher.close()
         await m.close()
         nursery.cancel_scope.cancel()
+
+
+def test_the_disk_cache_keeps_each_ztocs_inflated_spans_apart(tmp_path: Path) -> None:
+    """Decompressed spans on disk are trusted only by a handle of the zTOC that inflated them
+    (the data plane keys them by layer id): another image's index for the same layer digest
+    inflates its own, even after a restart."""
+    disk = DiskCache(tmp_path, 1 << 30)
+    liar = disk.open_layer("sha256:" + "c" * 64, 100, uncompressed_size=1000, inflated_key="L")
+    honest = disk.open_layer("sha256:" + "c" * 64, 100, uncompressed_size=1000, inflated_key="H")
+    wrong = b"w" * 10
+    liar.write_inflated(0, 0, wrong, hashlib.sha256(wrong).hexdigest())
+    assert set(liar.inflated_spans()) == {0}
+    assert honest.inflated_spans() == {}
+    liar.close()
+    honest.close()
+    again = DiskCache(tmp_path, 1 << 30)
+    for key, spans in (("H", set()), ("L", {0}), ("", set())):
+        handle = again.open_layer(
+            "sha256:" + "c" * 64, 100, uncompressed_size=1000, inflated_key=key
+        )
+        assert set(handle.inflated_spans()) == spans
+        handle.close()
