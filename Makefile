@@ -45,7 +45,8 @@ bench-restart: setup
 bench-fleet: setup
 	$(PY) -m bench.fleet
 
-# Time to ready, overlayfs vs pysoci, on a shaped network (root; about 45 minutes; updates
+# Time to ready: overlayfs, pysoci and the real soci, with and without prefetch, on a shaped
+# network (root; about 80 minutes, 50 with `python -m bench.startup --runs 3 --publish`; updates
 # bench/results/, which the README shows). Images are cached in /var/cache/pysoci-bench.
 bench: setup
 	$(PY) -m bench.startup --publish

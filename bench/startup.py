@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reg.open()
         imgs = publish(reg, names, modes)
-        data["images"] = {
+        data["images"] = data.get("images", {}) | {  # --resume keeps the other images'
             n: {
                 "compressed": i.compressed,
                 "uncompressed": i.uncompressed,
