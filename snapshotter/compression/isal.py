@@ -4,8 +4,9 @@ Serving a span is mostly inflating it, so its speed is what a cold start waits f
 what random access into gzip needs: a preset dictionary (`isal_inflate_set_dict`) and a bit
 buffer that can be primed with the bits a checkpoint starts in the middle of a byte with
 (`read_in`/`read_in_length`, the fields after `next_in`). Only the stable head of
-`struct inflate_state` is touched (its first five fields, laid out the same since ISA-L 2.x);
-the rest of the state is ISA-L's, in a buffer larger than the struct.
+`struct inflate_state` is touched (its first fields, at the offsets of ISA-L 2.30's
+igzip_lib.h, which a self-check proves at load); the rest of the state is ISA-L's, in a buffer
+larger than the struct.
 
 `RawInflater` inflates one raw deflate stream and stops at its end: a gzip member boundary
 inside a span run is left to the zlib path (compression.gzip), which handles it. Without
@@ -31,8 +32,6 @@ _STATE_BYTES: Final = 128 * 1024
 """Room for `struct inflate_state` (87,368 bytes in ISA-L 2.30)."""
 _NEXT_OUT, _AVAIL_OUT, _NEXT_IN, _READ_IN, _AVAIL_IN, _READ_IN_LENGTH = 0, 8, 16, 24, 32, 36
 ISAL_DECOMP_OK: Final = 0
-ISAL_END_INPUT: Final = 1
-ISAL_OUT_OVERFLOW: Final = 2
 
 
 def _load() -> ctypes.CDLL | None:
