@@ -7,8 +7,7 @@ import pytest
 
 from snapshotter.compression.buffers import BufferPool
 from snapshotter.compression.span_stream import SpanStreamInflater
-from snapshotter.soci.zinfo import GzipZinfo, decode_zinfo
-from tests.fixtures.range_source import make_layer
+from tests.fixtures.range_source import gzip_zinfo_of, make_layer
 
 
 def test_reuse_and_bounds() -> None:
@@ -35,14 +34,7 @@ def test_finished_stream_keeps_its_buffer(monkeypatch: pytest.MonkeyPatch) -> No
     pool = BufferPool()
     monkeypatch.setattr("snapshotter.compression.span_stream.SPAN_BUFFERS", pool)
     lay = make_layer(31, span_size=16 << 10)
-    z = lay.ztoc
-    info = decode_zinfo(
-        z.compression_algorithm,
-        z.checkpoints,
-        compressed_size=z.compressed_archive_size,
-        uncompressed_size=z.uncompressed_archive_size,
-    )
-    assert isinstance(info, GzipZinfo)
+    info = gzip_zinfo_of(lay.ztoc)
     lo, hi = info.compressed_bounds(1)
     u0, u1 = info.uncompressed_bounds(1)
     stream = SpanStreamInflater(info, 1, 1)

@@ -16,20 +16,9 @@ from snapshotter.fetch.cache import DiskCache
 from snapshotter.fetch.config import FetchConfig
 from snapshotter.fetch.prefetch import Prefetcher
 from snapshotter.fetch.spans import ForegroundActivity, SpanManager, SpanMemoryCache
-from snapshotter.soci.zinfo import Zinfo, decode_zinfo
-from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer
+from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer, zinfo_of
 
 SPAN = 16 << 10
-
-
-def zinfo_of(lay: FetchLayer) -> Zinfo:
-    z = lay.ztoc
-    return decode_zinfo(
-        z.compression_algorithm,
-        z.checkpoints,
-        compressed_size=z.compressed_archive_size,
-        uncompressed_size=z.uncompressed_archive_size,
-    )
 
 
 def settings(**kw: int) -> FetchConfig:
@@ -68,7 +57,7 @@ async def until(predicate: object, timeout: float = 10) -> None:
 
 async def test_queued_spans_are_fetched_in_runs_in_order_and_served(tmp_path: Path) -> None:
     lay = make_layer(7, span_size=SPAN)
-    assert zinfo_of(lay).num_spans > 12
+    assert zinfo_of(lay.ztoc).num_spans > 12
     source = BlobRangeSource(lay.blob)
     before = metrics.SPAN_FETCHES.labels(metrics.PREFETCH)._value.get()
     async with rig(tmp_path, lay, source, settings(prefetch_connections=1)) as (m, p, _):
@@ -79,7 +68,7 @@ async def test_queued_spans_are_fetched_in_runs_in_order_and_served(tmp_path: Pa
         await until(lambda: m.status()["spansFetched"] == len(order))
         # One connection: each request is one range of consecutive spans, they went out in
         # the queue's order, and consecutive spans were coalesced.
-        z = zinfo_of(lay)
+        z = zinfo_of(lay.ztoc)
         first_span = {z.compressed_bounds(s)[0]: s for s in order}
         firsts = []
         for request in source.requests:
@@ -90,7 +79,7 @@ async def test_queued_spans_are_fetched_in_runs_in_order_and_served(tmp_path: Pa
         assert metrics.SPAN_FETCHES.labels(metrics.PREFETCH)._value.get() - before == len(firsts)
         # A reader now finds them on disk: no more network.
         requests = len(source.requests)
-        lo = zinfo_of(lay).uncompressed_bounds(10)[0]
+        lo = zinfo_of(lay.ztoc).uncompressed_bounds(10)[0]
         assert await m.read(lo, 100) == lay.tar[lo : lo + 100]
         assert len(source.requests) == requests
         assert m.prefetch_pending == 0
@@ -102,7 +91,7 @@ async def test_prefetched_spans_are_served_with_no_inflate(
     """Prefetching inflates as it goes and keeps the spans decompressed on disk: a reader
     after that inflates nothing, even once the memory cache forgot them."""
     lay = make_layer(7, span_size=SPAN)
-    z = zinfo_of(lay)
+    z = zinfo_of(lay.ztoc)
     source = BlobRangeSource(lay.blob)
     activity = ForegroundActivity()
     config = settings(prefetch_connections=2)
@@ -142,15 +131,15 @@ async def test_several_connections_and_verified_spans_are_skipped(tmp_path: Path
     lay = make_layer(7, span_size=SPAN)
     source = BlobRangeSource(lay.blob, latency=0.05)
     async with rig(tmp_path, lay, source, settings(prefetch_connections=4)) as (m, p, _):
-        lo = zinfo_of(lay).uncompressed_bounds(5)[0]
+        lo = zinfo_of(lay.ztoc).uncompressed_bounds(5)[0]
         await m.read(lo, 10)  # span 5 is verified before its turn
         fetched = len(source.requests)
-        m.prefetch(range(zinfo_of(lay).num_spans))
+        m.prefetch(range(zinfo_of(lay.ztoc).num_spans))
         p.add(m)
-        await until(lambda: m.status()["spansFetched"] == zinfo_of(lay).num_spans)
+        await until(lambda: m.status()["spansFetched"] == zinfo_of(lay.ztoc).num_spans)
         assert source.max_in_flight >= 3  # parallel
         prefetched = [s for req in source.requests[fetched:] for s in req]
-        span5 = zinfo_of(lay).compressed_bounds(5)
+        span5 = zinfo_of(lay.ztoc).compressed_bounds(5)
         assert all(not (a <= span5[0] < b) for a, b in prefetched)  # never fetched twice
 
 
@@ -160,8 +149,8 @@ async def test_a_waiting_read_goes_first(tmp_path: Path) -> None:
     source = BlobRangeSource(lay.blob)
     async with rig(tmp_path, lay, source, settings(prefetch_connections=2)) as (m, p, activity):
         gate = source.gate = trio.Event()
-        last = zinfo_of(lay).num_spans - 1
-        lo = zinfo_of(lay).uncompressed_bounds(last)[0]
+        last = zinfo_of(lay.ztoc).num_spans - 1
+        lo = zinfo_of(lay.ztoc).uncompressed_bounds(last)[0]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(m.read, lo, 10)
             await until(lambda: activity.waiting == 1)

@@ -16,22 +16,11 @@ from snapshotter.soci.prefetch import (
     runs_in_order,
     spans_for_paths,
 )
-from snapshotter.soci.zinfo import Zinfo, decode_zinfo
 from snapshotter.soci.ztoc import entry_columns
-from tests.fixtures.range_source import FetchLayer, make_layer
+from tests.fixtures.range_source import make_layer, zinfo_of
 
 SPAN = 16 << 10
 LAYER = "sha256:" + "a" * 64
-
-
-def zinfo_of(lay: FetchLayer) -> Zinfo:
-    z = lay.ztoc
-    return decode_zinfo(
-        z.compression_algorithm,
-        z.checkpoints,
-        compressed_size=z.compressed_archive_size,
-        uncompressed_size=z.uncompressed_archive_size,
-    )
 
 
 def test_clean_path_as_soci() -> None:
@@ -65,7 +54,7 @@ def test_expand_runs_bounded_by_the_ztoc() -> None:
 
 def test_file_spans_as_soci_inclusive_end() -> None:
     lay = make_layer(3, span_size=SPAN, min_size=256 << 10)
-    z = zinfo_of(lay)
+    z = zinfo_of(lay.ztoc)
     # A file ending exactly on a span boundary also names the next span (soci's rule).
     boundary = z.uncompressed_bounds(0)[1]
     assert file_span_range(z, 0, boundary) == (0, 1)
@@ -77,8 +66,8 @@ def test_file_spans_as_soci_inclusive_end() -> None:
 def test_spans_for_paths_top_layer_wins() -> None:
     low, high = make_layer(4, span_size=SPAN), make_layer(4, span_size=SPAN)
     layers = [
-        LayerEntries("sha256:" + "1" * 64, entry_columns(low.ztoc.files), zinfo_of(low)),
-        LayerEntries("sha256:" + "2" * 64, entry_columns(high.ztoc.files), zinfo_of(high)),
+        LayerEntries("sha256:" + "1" * 64, entry_columns(low.ztoc.files), zinfo_of(low.ztoc)),
+        LayerEntries("sha256:" + "2" * 64, entry_columns(high.ztoc.files), zinfo_of(high.ztoc)),
     ]
     files = [f for f in low.ztoc.files if f.type == "reg" and f.uncompressed_size > 0]
     target = files[len(files) // 2]

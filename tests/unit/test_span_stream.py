@@ -10,26 +10,13 @@ import pytest
 from snapshotter.compression.gzip import inflate_spans
 from snapshotter.compression.span_stream import SpanStreamInflater
 from snapshotter.errors import CompressionError
-from snapshotter.soci.zinfo import GzipZinfo, decode_zinfo
-from tests.fixtures.range_source import FetchLayer, make_layer
-
-
-def zinfo_of(lay: FetchLayer) -> GzipZinfo:
-    z = lay.ztoc
-    info = decode_zinfo(
-        z.compression_algorithm,
-        z.checkpoints,
-        compressed_size=z.compressed_archive_size,
-        uncompressed_size=z.uncompressed_archive_size,
-    )
-    assert isinstance(info, GzipZinfo)
-    return info
+from tests.fixtures.range_source import gzip_zinfo_of, make_layer
 
 
 @pytest.mark.parametrize("kind", ["gzip", "pigz"])
 def test_streamed_equals_whole(kind: str) -> None:
     lay = make_layer(11, span_size=16 << 10, kind=kind)
-    z = zinfo_of(lay)
+    z = gzip_zinfo_of(lay.ztoc)
     rng = random.Random(3)
     runs = [(0, 0), (1, 3), (z.num_spans - 2, z.num_spans - 1)]
     runs += [(s, min(s + rng.randrange(3), z.num_spans - 1)) for s in range(0, z.num_spans, 3)]
@@ -48,7 +35,7 @@ def test_streamed_equals_whole(kind: str) -> None:
 
 def test_short_and_long_input_are_errors() -> None:
     lay = make_layer(12, span_size=16 << 10)
-    z = zinfo_of(lay)
+    z = gzip_zinfo_of(lay.ztoc)
     lo, hi = z.compressed_bounds(2)
     stream = SpanStreamInflater(z, 2, 2)
     stream.feed(lay.blob[lo : hi - 10])

@@ -32,10 +32,9 @@ from snapshotter.soci.zinfo import (
     HEADER_SIZE,
     WINDOW_SIZE,
     GzipZinfo,
-    decode_zinfo,
 )
 from snapshotter.soci.ztoc import Ztoc
-from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer
+from tests.fixtures.range_source import BlobRangeSource, FetchLayer, gzip_zinfo_of, make_layer
 
 _WINDOW_AT = CHECKPOINT_SIZE - WINDOW_SIZE  # in, out, bits come first
 
@@ -43,17 +42,6 @@ _WINDOW_AT = CHECKPOINT_SIZE - WINDOW_SIZE  # in, out, bits come first
 @functools.cache
 def layer(kind: str = "gzip") -> FetchLayer:
     return make_layer(11, kind=kind, span_size=64 << 10, min_size=2 << 20)
-
-
-def zinfo_of(ztoc: Ztoc) -> GzipZinfo:
-    z = decode_zinfo(
-        ztoc.compression_algorithm,
-        ztoc.checkpoints,
-        compressed_size=ztoc.compressed_archive_size,
-        uncompressed_size=ztoc.uncompressed_archive_size,
-    )
-    assert isinstance(z, GzipZinfo)
-    return z
 
 
 def lying(ztoc: Ztoc, checkpoints: Iterable[int]) -> Ztoc:
@@ -81,7 +69,7 @@ def run_of(zi: GzipZinfo, blob: bytes, first: int, last: int) -> bytes:
 @pytest.mark.parametrize("kind", ["gzip", "pigz"])
 def test_honest_windows_pass_every_run(kind: str) -> None:
     lay = layer(kind)
-    zi = zinfo_of(lay.ztoc)
+    zi = gzip_zinfo_of(lay.ztoc)
     assert zi.num_spans > 8
     for first in range(zi.num_spans):
         for last in {first, min(first + 2, zi.num_spans - 1)}:
@@ -90,8 +78,8 @@ def test_honest_windows_pass_every_run(kind: str) -> None:
 
 def test_a_run_proves_the_window_after_it_and_inside_it() -> None:
     lay = layer()
-    honest = zinfo_of(lay.ztoc)
-    bad = zinfo_of(lying(lay.ztoc, [5]))
+    honest = gzip_zinfo_of(lay.ztoc)
+    bad = gzip_zinfo_of(lying(lay.ztoc, [5]))
     # A run ending at span 4 (checkpoint 5 next) or running through checkpoint 5.
     for first, last in [(4, 4), (2, 6), (0, 5)]:
         plain = run_of(honest, lay.blob, first, last)
@@ -104,7 +92,7 @@ def test_a_run_proves_the_window_after_it_and_inside_it() -> None:
 @pytest.mark.parametrize("kind", ["gzip", "pigz"])
 def test_layer_verifier_passes_an_honest_layer(kind: str) -> None:
     lay = layer(kind)
-    verifier = LayerVerifier(zinfo_of(lay.ztoc), diff_id(lay))
+    verifier = LayerVerifier(gzip_zinfo_of(lay.ztoc), diff_id(lay))
     for pos in range(0, len(lay.blob), 100_003):
         verifier.feed(lay.blob[pos : pos + 100_003])
     verifier.finish()
@@ -112,12 +100,12 @@ def test_layer_verifier_passes_an_honest_layer(kind: str) -> None:
 
 def test_layer_verifier_catches_the_last_window_and_a_wrong_diff_id() -> None:
     lay = layer()
-    last = zinfo_of(lay.ztoc).num_spans - 1
-    verifier = LayerVerifier(zinfo_of(lying(lay.ztoc, [last])), diff_id(lay))
+    last = gzip_zinfo_of(lay.ztoc).num_spans - 1
+    verifier = LayerVerifier(gzip_zinfo_of(lying(lay.ztoc, [last])), diff_id(lay))
     with pytest.raises(ZtocMismatchError, match=f"checkpoint {last}"):
         verifier.feed(lay.blob)
         verifier.finish()
-    verifier = LayerVerifier(zinfo_of(lay.ztoc), "sha256:" + "0" * 64)
+    verifier = LayerVerifier(gzip_zinfo_of(lay.ztoc), "sha256:" + "0" * 64)
     verifier.feed(lay.blob)
     with pytest.raises(ZtocMismatchError, match="image config"):
         verifier.finish()
@@ -165,7 +153,7 @@ async def test_a_read_through_lying_windows_fails_and_blocks_the_layer(
     stream: bool, tmp_path: Path
 ) -> None:
     lay = layer()
-    zi = zinfo_of(lay.ztoc)
+    zi = gzip_zinfo_of(lay.ztoc)
     ztoc = lying(lay.ztoc, range(1, zi.num_spans))
     source = BlobRangeSource(lay.blob)
     config = fetch_config(readahead_spans=0, stream_inflate=stream)
@@ -197,7 +185,7 @@ async def test_the_background_pass_catches_a_lie_the_foreground_cannot(tmp_path:
     """The last checkpoint's window is proven by no run a reader asks for that starts there:
     its span reads back wrong until the pass over the complete layer rejects the zTOC."""
     lay = layer()
-    zi = zinfo_of(lay.ztoc)
+    zi = gzip_zinfo_of(lay.ztoc)
     last = zi.num_spans - 1
     ztoc = lying(lay.ztoc, [last])
     source = BlobRangeSource(lay.blob)
@@ -269,7 +257,7 @@ async def test_two_ztocs_of_one_layer_do_not_share_inflated_spans(tmp_path: Path
     """One memory cache, one layer digest, two zTOCs (layer ids as memory keys, as the data
     plane mounts them): the honest one never sees what the lying one inflated."""
     lay = layer()
-    zi = zinfo_of(lay.ztoc)
+    zi = gzip_zinfo_of(lay.ztoc)
     last = zi.num_spans - 1
     memory = SpanMemoryCache(64 << 20)
     async with trio.open_nursery() as nursery:
@@ -309,14 +297,14 @@ def shifted_last(lay: FetchLayer) -> Ztoc:
     kept), and span digests that match the moved bounds: every check of a span's bytes
     passes, and no window after it exists to refute it."""
     ztoc = lay.ztoc
-    last = zinfo_of(ztoc).num_spans - 1
+    last = gzip_zinfo_of(ztoc).num_spans - 1
     blob = bytearray(bytes(ztoc.checkpoints))
     at = HEADER_SIZE + last * CHECKPOINT_SIZE
     old_in = int.from_bytes(blob[at : at + 8], "little")
     blob[at : at + 8] = (old_in + 101).to_bytes(8, "little")
     blob[at + 16] = 3
     moved = dataclasses.replace(ztoc, checkpoints=bytes(blob))
-    zi = zinfo_of(moved)
+    zi = gzip_zinfo_of(moved)
     digests = list(ztoc.span_digests)
     for s in (last - 1, last):
         lo, hi = zi.compressed_bounds(s)
@@ -349,7 +337,7 @@ async def test_the_background_pass_proves_the_last_checkpoint_offset(tmp_path: P
 
 async def test_the_background_fetcher_rejects_once_and_leaves_the_layer(tmp_path: Path) -> None:
     lay = layer()
-    last = zinfo_of(lay.ztoc).num_spans - 1
+    last = gzip_zinfo_of(lay.ztoc).num_spans - 1
     config = fetch_config(silence_period_msec=0, fetch_period_msec=20, readahead_spans=0)
     fetcher = BackgroundFetcher(config, ForegroundActivity())
     rejections: list[str] = []
