@@ -41,7 +41,7 @@ from tests.fixtures.containerd import Containerd, Pysoci, layer_status, start_co
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.images import GZIP_LAYER, Layer, files_tar, pigz_blob, write_image
 from tests.fixtures.registry import Registry, start_registry
-from tests.fixtures.soci import SociNode, leftovers, reap_tasks, start_soci_node
+from tests.fixtures.soci import SociNode, assert_nothing_left, reap_tasks, start_soci_node
 from tests.integration.test_soci_interop import (
     MANIFEST_TYPES,
     _blob,
@@ -117,13 +117,7 @@ def _digest(blob: bytes) -> str:
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("prefetch-record")
     yield path
-    left = leftovers(path)
-    for _ in range(50):
-        if not left:
-            break
-        time.sleep(0.1)
-        left = leftovers(path)
-    assert not left, left
+    assert_nothing_left(path)
 
 
 @pytest.fixture(scope="module")

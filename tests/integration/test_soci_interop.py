@@ -64,7 +64,7 @@ from tests.fixtures.containerd import (
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.images import GZIP_LAYER, TAR_LAYER, Layer, pigz_blob, write_image
 from tests.fixtures.registry import Registry, start_registry
-from tests.fixtures.soci import PREPARED, SociNode, leftovers, reap_tasks, start_soci_node
+from tests.fixtures.soci import PREPARED, SociNode, assert_nothing_left, reap_tasks, start_soci_node
 from tests.integration.test_containerd import TREE
 
 PYSOCI = str(Path(sys.executable).with_name("pysoci"))
@@ -333,13 +333,7 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     containerd's shims and rootfs mounts)."""
     path = tmp_path_factory.mktemp("soci-interop")
     yield path
-    left = leftovers(path)
-    for _ in range(50):  # processes that were signalled may take a moment to exit
-        if not left:
-            break
-        time.sleep(0.1)
-        left = leftovers(path)
-    assert not left, left
+    assert_nothing_left(path)
 
 
 @pytest.fixture(scope="module")
