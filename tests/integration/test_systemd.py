@@ -43,6 +43,7 @@ from snapshotter import mountinfo
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.daemon import DEFAULT_ADDRESS
+from tests.fixtures.containerd import detach_mounts_under
 from tests.fixtures.images import Layer, files_tar, write_image
 from tests.fixtures.registry import start_registry
 
@@ -315,18 +316,6 @@ class ActivatedPysoci:
             f.write(f"\n[test] daemon exit codes: {self.exits}\n")
 
 
-def _unmount_under(path: Path) -> None:
-    """Detach whatever a failed run left mounted under path, deepest first, so that pytest can
-    remove its directory (a dead FUSE mount answers ENOTCONN to everything)."""
-    mounts = [
-        Path(m.mount_point)
-        for m in mountinfo.mount_table()
-        if Path(m.mount_point).is_relative_to(path)
-    ]
-    for m in sorted(mounts, key=lambda p: len(p.parts), reverse=True):
-        subprocess.run(["umount", "-l", str(m)], capture_output=True)
-
-
 def _running(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -336,9 +325,7 @@ def _running(pid: int) -> bool:
 
 
 def _fuse_mounted(root: Path) -> bool:
-    target = str(root / "fuse")
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return bool(mountinfo.mounts_at(root / "fuse"))
 
 
 def _stub(path: Path) -> pb_grpc.SnapshotsStub:
@@ -663,7 +650,7 @@ def test_units_keep_a_containers_lazy_layer_across_restart_and_reload(tmp_path: 
         subprocess.run(["umount", str(target)], capture_output=True)
         daemon.stop()
         reg.stop()
-        _unmount_under(tmp_path)
+        detach_mounts_under(tmp_path)
     assert errors == [], errors[:5]
     print(f"{reads[0]} reads across the restart and the reload, none failed")
     deadline = time.monotonic() + 30
