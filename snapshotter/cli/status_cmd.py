@@ -313,7 +313,9 @@ def _apply_status(layer: LayerStatus, status: dict[str, Any] | None) -> None:
         return
     layer.digest = layer.digest or str(status.get("digest", ""))
     layer.state = str(status.get("state", "unknown"))
-    layer.error = str(status.get("error") or status.get("lastReadError") or "")
+    layer.error = str(
+        status.get("error") or status.get("lastReadError") or status.get("cacheError") or ""
+    )
     layer.fetchedBytes = _int(status.get("fetchedSize"))
     layer.totalBytes = _int(status.get("size"))
     percent = status.get("fetchedPercent")

@@ -297,6 +297,9 @@ class _Load:
     done: trio.Event = field(default_factory=trio.Event)
     error: Exception | None = None
     cancelled: bool = False
+    unkept: dict[int, bytes] = field(default_factory=dict)
+    """Spans inflated that the memory cache did not keep (too big for it, or its bound is 0),
+    for this load's waiters; without them a full disk would leave nowhere to find them."""
 
 
 @dataclass(eq=False)
@@ -412,6 +415,8 @@ class SpanManager:
         self._waiting = 0
         self._last_error = ""
         self._cache_write_failed = False
+        self._cache_error = ""
+        """Why the last write to the span cache failed ("" once one succeeds again)."""
         self.layer_verified: bool | None = None
         """Whole-layer digest check: None until done, then its outcome."""
         self.network_requests = 0
@@ -619,6 +624,9 @@ class SpanManager:
             for s in want:
                 if (self._mem, s) in self._memory:
                     continue
+                if (data := loads[s].unkept.get(s)) is not None:
+                    out[s] = data
+                    continue
                 if self._state[s] == VERIFIED or s in self._inflated:
                     direct.append(s)
                     continue
@@ -726,7 +734,7 @@ class SpanManager:
             if absent:
                 if foreground:
                     metrics.DISK_MISSES.inc(len(absent))
-                await self._fetch(absent, inflate=inflate, kind=kind)
+                load.unkept = await self._fetch(absent, inflate=inflate, kind=kind)
                 if self.layer_verified is not False:
                     self._last_error = ""  # the registry serves again: the error is history
         except Exception as exc:
@@ -778,8 +786,11 @@ class SpanManager:
             out.append((start, b))
         return out
 
-    async def _fetch(self, spans: list[int], *, inflate: bool, kind: str) -> None:
+    async def _fetch(self, spans: list[int], *, inflate: bool, kind: str) -> dict[int, bytes]:
+        """Fetch, verify and keep spans; with `inflate`, the inflated ones that are not in the
+        memory cache."""
         todo = spans
+        unkept: dict[int, bytes] = {}
         retries = max(0, self.config.max_span_verification_retries)
         for attempt in range(retries + 1):
             runs = self._coalesce(todo, self.config.max_request_bytes)
@@ -805,8 +816,9 @@ class SpanManager:
                 if streamed is not None:
                     SPAN_BUFFERS.give(streamed)  # its spans were copied out
             self._apply(good, inflated)
+            unkept.update((s, d) for s, d in inflated.items() if (self._mem, s) not in self._memory)
             if not bad:
-                return
+                return unkept
             self.digest_mismatches += len(bad)
             metrics.registry_error("digest_mismatch")
             if attempt < retries:
@@ -1001,9 +1013,7 @@ class SpanManager:
             try:
                 self._cache.write_inflated(s, self._zinfo.uncompressed_bounds(s)[0], data, digest)
             except (OSError, ValueError) as exc:
-                if not self._cache_write_failed:
-                    self._cache_write_failed = True
-                    log.warning("layer %s: cannot write the span cache: %s", self.digest, exc)
+                self._cache_failed(exc)
                 break
             kept[s] = digest
         return kept
@@ -1033,16 +1043,22 @@ class SpanManager:
                     self._cache.mark(range(x, y + 1))
                 except OSError as exc:
                     stored = False
-                    if not self._cache_write_failed:
-                        self._cache_write_failed = True
-                        log.warning("layer %s: cannot write the span cache: %s", self.digest, exc)
+                    self._cache_failed(exc)
                 if stored:
+                    self._cache_error = ""
                     good.extend(range(x, y + 1))
                 if inflate:
                     whole = streamed is not None and (x, y) == (a, b)
                     inflated.update(self._inflate(x, y, data, base, streamed if whole else None))
             bad.extend(s for s, ok in zip(range(a, b + 1), flags, strict=True) if not ok)
         return good, bad, inflated
+
+    def _cache_failed(self, exc: OSError | ValueError) -> None:
+        # Reads are still served (from memory); the status says why nothing is kept.
+        self._cache_error = f"span cache: {exc}"
+        if not self._cache_write_failed:
+            self._cache_write_failed = True
+            log.warning("layer %s: cannot write the span cache: %s", self.digest, exc)
 
     def _apply(self, good: list[int], inflated: dict[int, bytes]) -> None:
         for s in good:
@@ -1306,6 +1322,7 @@ class SpanManager:
             "fetchedPercent": round(100.0 * fetched / self._size, 2) if self._size else 100.0,
             "state": state,
             "error": self._last_error,
+            "cacheError": self._cache_error,
             "spansFetched": self._verified,
             "spansTotal": len(self._state),
             "spansInflated": len(self._inflated),

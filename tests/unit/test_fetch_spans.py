@@ -32,6 +32,7 @@ from snapshotter.fetch.spans import (
     SpanManager,
     SpanMemoryCache,
 )
+from snapshotter.freespace import FreeSpaceReserve
 from snapshotter.soci.zinfo import decode_zinfo
 from tests.fixtures.range_source import BlobRangeSource, FetchLayer, make_layer
 
@@ -609,3 +610,23 @@ async def test_misses_walking_forward_load_the_next_spans(tmp_path: Path) -> Non
             lo = z.uncompressed_bounds(s)[0]
             assert await m.read(lo, 10) == lay.tar[lo : lo + 10]
         assert source.request_count == requests  # already there
+
+
+async def test_a_full_disk_serves_reads_and_says_why_nothing_is_kept(tmp_path: Path) -> None:
+    """Reads above the free-space reserve are served from memory, uncounted, and the status
+    says why; once there is room again, the next fetch is kept and the error goes."""
+    lay = layer()
+    zi = zinfo(lay)
+    source = BlobRangeSource(lay.blob)
+    disk = DiskCache(tmp_path, 1 << 30, reserve=FreeSpaceReserve(min_free_percent=100))
+    async with open_manager(lay, source, tmp_path, disk=disk, memory=SpanMemoryCache(0)) as m:
+        lo, hi = zi.uncompressed_bounds(2)
+        assert await m.read(lo, hi - lo) == lay.tar[lo:hi]
+        status = m.status()
+        assert status["fetchedSize"] == 0 and status["spansFetched"] == 0
+        assert "span cache" in status["cacheError"] and "free" in status["cacheError"]
+        disk.reserve = FreeSpaceReserve()
+        lo, hi = zi.uncompressed_bounds(5)
+        assert await m.read(lo, hi - lo) == lay.tar[lo:hi]
+        status = m.status()
+        assert status["fetchedSize"] > 0 and status["cacheError"] == ""
