@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tests.fixtures import gotools
 from tests.fixtures.containerd import Pysoci, start_containerd
+from tests.fixtures.pysoci_config import pysoci_config
 
 REPO = Path(__file__).resolve().parent.parent
 SOCI_VERSION = gotools.SOCI_VERSION
@@ -135,7 +136,11 @@ class PysociNode:
         wd.mkdir(parents=True)
         write_hosts(wd / "certs.d", pull_host)
         config = wd / "pysoci.toml"
-        config.write_text(f'[registry]\nconfig_path = "{wd / "certs.d"}"\n{extra_config}')
+        # The tests' free-space reserve: the default (10 % of the disk) would make the numbers
+        # depend on how full this machine's disk is.
+        config.write_text(
+            pysoci_config(f'[registry]\nconfig_path = "{wd / "certs.d"}"\n', extra_config)
+        )
         self.pysoci = Pysoci(wd / "pysoci", wd / "pysoci.sock", wd / "pysoci.log", config)
         self.pysoci.start()
         self.cd = start_containerd(wd / "cd", wd / "pysoci.sock")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from tests.fixtures.containerd import Pysoci, start_containerd  # noqa: E402
 from tests.fixtures.debootstrap import rootfs_tar  # noqa: E402
 from tests.fixtures.images import GZIP_LAYER, Layer, pigz_blob, write_image  # noqa: E402
+from tests.fixtures.pysoci_config import pysoci_config  # noqa: E402
 from tests.fixtures.registry import start_registry  # noqa: E402
 
 OUT = ROOT / "demo-out"
@@ -99,9 +100,11 @@ def main() -> int:
         (certs / "hosts.toml").write_text(f'server = "http://{registry.host}"\n')
         config = OUT / "pysoci.toml"
         config.write_text(
-            f'[registry]\nconfig_path = "{OUT / "certs.d"}"\n'
-            # No background fetching for a while: the numbers below are what python3 read.
-            "[background_fetch]\nsilence_period_msec = 600000\n"
+            pysoci_config(
+                f'[registry]\nconfig_path = "{OUT / "certs.d"}"\n'
+                # No background fetching for a while: the numbers below are what python3 read.
+                "[background_fetch]\nsilence_period_msec = 600000\n"
+            )
         )
         pysoci = Pysoci(OUT / "pysoci", OUT / "pysoci.sock", OUT / "pysoci.log", config)
         pysoci.start()

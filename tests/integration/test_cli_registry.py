@@ -15,6 +15,7 @@ import pytest
 
 from tests.fixtures.certs import Pki, make_pki
 from tests.fixtures.images import ZSTD_LAYER, Layer, gzip_blob, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 from tests.fixtures.tars import random_tar
 from tests.fixtures.token_server import TokenServer, User
@@ -269,7 +270,7 @@ def test_tls_with_ca_from_hosts_toml_and_basic_auth(
     (certs / basic_registry.host).mkdir(parents=True)
     (certs / basic_registry.host / "hosts.toml").write_text(f'ca = "{pki.ca.cert_path}"\n')
     config = tmp_path / "config.toml"
-    config.write_text(f'[registry]\nconfig_path = "{certs}"\n')
+    config.write_text(pysoci_config(f'[registry]\nconfig_path = "{certs}"\n'))
     root = ["--root", str(tmp_path / "root"), "--config", str(config)]
     pysoci("create", ref, *root, "--user", f"alice:{PASSWORD}", "--min-layer-size", "100KiB")
     pysoci("push", ref, *root, "--user", f"alice:{PASSWORD}")

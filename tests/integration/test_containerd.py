@@ -32,6 +32,7 @@ import pytest
 from tests.fixtures.containerd import Containerd, Pysoci, start_containerd
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.images import GZIP_LAYER, TAR_LAYER, ZSTD_LAYER, Layer, pigz_blob, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 
 PYSOCI = str(Path(sys.executable).with_name("pysoci"))
@@ -185,7 +186,9 @@ def rig(
     config = tmp / "pysoci.toml"
     # No background fetching: what was fetched is what the containers read.
     config.write_text(
-        f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+        pysoci_config(
+            f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+        )
     )
     pysoci = Pysoci(tmp / "pysoci", tmp / "pysoci.sock", tmp / "pysoci.log", config)
     pysoci.start()

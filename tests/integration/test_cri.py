@@ -26,6 +26,7 @@ from tests.fixtures.containerd import Containerd, start_containerd
 from tests.fixtures.cri import CriClient, generate_stubs, log_lines, write_pause_image
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.images import GZIP_LAYER, Layer, pigz_blob, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 from tests.integration.test_systemd import ActivatedPysoci
 
@@ -103,7 +104,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         config = tmp / "pysoci.toml"
         # No background fetching: what was fetched is what the container read.
         config.write_text(
-            f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{certs}"\n'
+            pysoci_config(
+                f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{certs}"\n'
+            )
         )
         pysoci = ActivatedPysoci.start(tmp / "pysoci", tmp / "run" / "pysoci.sock", config, tmp)
         cd = start_containerd(

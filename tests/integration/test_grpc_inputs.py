@@ -20,6 +20,7 @@ from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.lifecycle import unmount_stale_fuse
 from tests.fixtures.containerd import Pysoci
+from tests.fixtures.pysoci_config import pysoci_config
 
 pytestmark = [pytest.mark.integration]
 
@@ -32,7 +33,7 @@ EVIL_LABEL = "a" * 4000 + "!"
 @pytest.fixture
 def stub(tmp_path: Path) -> Iterator[pb_grpc.SnapshotsStub]:
     config = tmp_path / "pysoci.toml"
-    config.write_text("[background_fetch]\ndisable = true\n")
+    config.write_text(pysoci_config("[background_fetch]\ndisable = true\n"))
     daemon = Pysoci(tmp_path / "root", tmp_path / "pysoci.sock", tmp_path / "pysoci.log", config)
     daemon.start()
     channel = grpc.insecure_channel(f"unix:{daemon.socket}")

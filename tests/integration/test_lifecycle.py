@@ -32,6 +32,7 @@ from tests.fixtures.containerd import layer_status as status_of
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.images import GZIP_LAYER, Layer, pigz_blob, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,7 +57,9 @@ class Rig:
 
     def configure(self, body: str) -> None:
         """The pysoci config for its next start."""
-        self.pysoci.config.write_text(body + f'[registry]\nconfig_path = "{self.certs}"\n')
+        self.pysoci.config.write_text(
+            pysoci_config(body, f'[registry]\nconfig_path = "{self.certs}"\n')
+        )
 
     def restart(self, body: str | None = None, sig: int = 15) -> float:
         """Stop the control plane with `sig` — and, for a new config `body`, the data plane

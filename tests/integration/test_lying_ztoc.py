@@ -39,6 +39,7 @@ from snapshotter.soci.zinfo import CHECKPOINT_SIZE, HEADER_SIZE, WINDOW_SIZE
 from snapshotter.soci.ztoc import decode_ztoc, encode_ztoc
 from tests.fixtures.containerd import Containerd, Pysoci, layer_statuses, start_containerd
 from tests.fixtures.images import Layer, files_tar, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -166,9 +167,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     port = free_port()
     config = tmp / "pysoci.toml"
     config.write_text(
-        f'metrics_address = "127.0.0.1:{port}"\nlog_format = "text"\n'
-        "[background_fetch]\nsilence_period_msec = 100\nfetch_period_msec = 50\n"
-        f'[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+        pysoci_config(
+            f'metrics_address = "127.0.0.1:{port}"\nlog_format = "text"\n'
+            "[background_fetch]\nsilence_period_msec = 100\nfetch_period_msec = 50\n"
+            f'[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+        )
     )
     # Socket-activated, as the shipped units run it: containerd's calls wait across restarts.
     pysoci = Pysoci(

@@ -25,6 +25,7 @@ import pytest
 
 from tests.fixtures.debootstrap import debian_rootfs, rootfs_tar
 from tests.fixtures.images import GZIP_LAYER, Layer, pigz_blob, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 from tests.fixtures.tree_snapshot import assert_same_tree, snapshot
 
@@ -217,7 +218,7 @@ def test_opaque_xattr_from_the_config(
     that xattr (for overlays mounted with `userxattr`) and no longer the trusted one."""
     root = tmp_path / "root"
     config = tmp_path / "config.toml"
-    config.write_text('[fuse]\nopaque_xattr = "user.overlay.opaque"\n')
+    config.write_text(pysoci_config('[fuse]\nopaque_xattr = "user.overlay.opaque"\n'))
     target = tmp_path / "rootfs"
     mounted.append(target)
     run(
@@ -258,7 +259,7 @@ def test_debian_rootfs_runs_python_lazily(
     run(PYSOCI, "convert", ref, soci, "--plain-http", "--root", str(tmp_path / "build"), "-q")
     # A config whose background fetcher stays quiet, so what was fetched is what was read.
     config = tmp_path / "config.toml"
-    config.write_text("[background_fetch]\ndisable = true\n")
+    config.write_text(pysoci_config("[background_fetch]\ndisable = true\n"))
     target = tmp_path / "rootfs"
     mounted.append(target)
     out = run(

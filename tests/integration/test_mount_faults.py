@@ -24,6 +24,7 @@ import pytest
 
 from tests.fixtures.fault_proxy import Fault, FaultKind, FaultProxy, blob_get
 from tests.fixtures.images import Layer, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, overlayfs)")
@@ -109,7 +110,9 @@ def do_mount(
     cfg = root.parent / "config.toml"
     retries = "MaxRetries = 2\nMinWaitMsec = 1\nMaxWaitMsec = 20"
     cfg.write_text(
-        f"{config}\n[http]\n{retries}\nResponseHeaderTimeoutMsec = {read_timeout_msec}\n"
+        pysoci_config(
+            config, f"[http]\n{retries}\nResponseHeaderTimeoutMsec = {read_timeout_msec}\n"
+        )
     )
     res = subprocess.run(
         [

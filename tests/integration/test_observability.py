@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.containerd import Containerd, Pysoci, lazy_layer_id, start_containerd
 from tests.fixtures.images import Layer, files_tar, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, free_port, start_registry
 
 pytestmark = pytest.mark.integration
@@ -41,9 +42,11 @@ def rig(
     port = free_port()
     config = tmp / "pysoci.toml"
     config.write_text(
-        f'metrics_address = "127.0.0.1:{port}"\nlog_format = "json"\n'
-        "[background_fetch]\ndisable = true\n"
-        f'[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+        pysoci_config(
+            f'metrics_address = "127.0.0.1:{port}"\nlog_format = "json"\n'
+            "[background_fetch]\ndisable = true\n"
+            f'[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+        )
     )
     layers = [
         Layer.from_tar(files_tar({"data/big": BIG, "etc/hello": b"hello\n"})),

@@ -40,6 +40,7 @@ from tests.fixtures import soci as soci_fixture
 from tests.fixtures.containerd import Containerd, Pysoci, layer_status, start_containerd
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.images import GZIP_LAYER, Layer, files_tar, pigz_blob, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 from tests.fixtures.soci import SociNode, assert_nothing_left, reap_tasks, start_soci_node
 from tests.integration.test_soci_interop import (
@@ -150,10 +151,12 @@ def _start_node(tmp: Path, name: str) -> Iterator[Node]:
     config = tmp / f"{name}.toml"
     metrics = f"127.0.0.1:{_free_port()}"
     config.write_text(
-        f'metrics_address = "{metrics}"\n'
-        "[background_fetch]\ndisable = true\n"
-        f'[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
-        "[prefetch]\nquiet_period_sec = 2\n"
+        pysoci_config(
+            f'metrics_address = "{metrics}"\n'
+            "[background_fetch]\ndisable = true\n"
+            f'[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+            "[prefetch]\nquiet_period_sec = 2\n"
+        )
     )
     pysoci = Pysoci(tmp / name, tmp / f"{name}.sock", tmp / f"{name}.log", config)
     pysoci.start()

@@ -63,6 +63,7 @@ from tests.fixtures.containerd import (
 )
 from tests.fixtures.debootstrap import rootfs_tar
 from tests.fixtures.images import GZIP_LAYER, TAR_LAYER, Layer, pigz_blob, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import Registry, start_registry
 from tests.fixtures.soci import PREPARED, SociNode, assert_nothing_left, reap_tasks, start_soci_node
 from tests.integration.test_containerd import TREE
@@ -351,7 +352,9 @@ def rig(tmp: Path, registry: Registry) -> Iterator[tuple[Pysoci, Containerd]]:
     config = tmp / "pysoci.toml"
     (tmp / "certs.d").mkdir()
     config.write_text(
-        f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+        pysoci_config(
+            f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{tmp / "certs.d"}"\n'
+        )
     )
     pysoci = Pysoci(tmp / "pysoci", tmp / "pysoci.sock", tmp / "pysoci.log", config)
     pysoci.start()
@@ -711,9 +714,12 @@ def test_pysoci_mount_of_a_soci_image_and_its_status(
 ) -> None:
     """`pysoci mount` serves soci's v2 image without containerd, and `pysoci status --root`
     of that mount's root shows its lazy layer and what was fetched."""
-    root, target = tmp / "mount-root", tmp / "mnt"
+    root, target, config = tmp / "mount-root", tmp / "mnt", tmp / "mount.toml"
     target.mkdir()
-    out = _pysoci("mount", soci_built.deb_v2, str(target), "--root", str(root))
+    config.write_text(pysoci_config())
+    out = _pysoci(
+        "mount", soci_built.deb_v2, str(target), "--root", str(root), "--config", str(config)
+    )
     try:
         assert "SOCI index" in out and "lazy" in out
         assert (target / "etc" / "debian_version").read_text().strip()

@@ -45,6 +45,7 @@ from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2_gr
 from snapshotter.daemon import DEFAULT_ADDRESS
 from tests.fixtures.containerd import detach_mounts_under
 from tests.fixtures.images import Layer, files_tar, write_image
+from tests.fixtures.pysoci_config import pysoci_config
 from tests.fixtures.registry import start_registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -554,7 +555,9 @@ def test_units_keep_a_containers_lazy_layer_across_restart_and_reload(tmp_path: 
     root, certs = tmp_path / "root", tmp_path / "certs.d"
     certs.mkdir()
     config = tmp_path / "pysoci.toml"
-    config.write_text(f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{certs}"\n')
+    config.write_text(
+        pysoci_config(f'[background_fetch]\ndisable = true\n[registry]\nconfig_path = "{certs}"\n')
+    )
     layer = Layer.from_tar(files_tar(files))
     write_image(tmp_path / "layout", "v1", [layer])
     plain, ref = f"{reg.host}/units:v1", f"{reg.host}/units:soci"
