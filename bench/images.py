@@ -295,6 +295,7 @@ def tar_tree(tree: Path, out: Path, *, reproducible: bool = False) -> None:
     file in a layer named the other way). `reproducible`: owners 0/0 and no atime/ctime
     records, so the tar depends only on the tree's content and mtimes."""
     tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)  # a fresh machine has no bench cache yet
     cmd = ["tar", "--format=posix", "--xattrs", "--numeric-owner", "--sort=name"]
     if reproducible:
         cmd += ["--pax-option=delete=atime,delete=ctime", "--owner=0", "--group=0"]
