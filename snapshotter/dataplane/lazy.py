@@ -15,7 +15,6 @@ only what containers actually read can take the cache over its bound.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Final
 import trio
 
 from snapshotter.config import Config, fetch_config, free_space_reserve
+from snapshotter.dataplane.memory import return_freed_memory, trim_when_quiet
 from snapshotter.errors import PysociError, ZtocRejectedError
 from snapshotter.fetch.background import BackgroundFetcher
 from snapshotter.fetch.cache import DiskCache, LayerCache
@@ -49,27 +49,6 @@ log = logging.getLogger(__name__)
 
 PROBE_TTL: Final = 10.0
 PROBE_TIMEOUT: Final = 5.0
-
-
-def return_freed_memory() -> None:
-    """Give the heap pages freed by an unmounted layer back to the system.
-
-    glibc keeps freed memory in per-thread arenas (gRPC and trio worker threads each have
-    one), so without a trim the RSS of a long-running daemon stays at its high-water mark
-    after images are removed."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _malloc_trim() -> Any:
-    # The process's own symbols: no library search (find_library runs ldconfig) at import.
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent outside glibc
-    if trim is not None:
-        trim.argtypes = [ctypes.c_size_t]
-    return trim
-
-
-_MALLOC_TRIM: Final = _malloc_trim()
 
 
 class LayerMountError(PysociError):
@@ -196,6 +175,7 @@ class LazyLayers:
                 await nursery.start(self.prefetcher.run)
                 if self.recordings is not None:
                     await nursery.start(self.recordings.run)
+                nursery.start_soon(trim_when_quiet, self.activity)
                 task_status.started()
                 await self.session.ended.wait()
                 nursery.cancel_scope.cancel()
