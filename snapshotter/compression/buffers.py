@@ -1,8 +1,8 @@
 """Reused output buffers for inflating span runs.
 
-A span run inflates into megabytes. A fresh buffer each time costs a zero-fill and, when glibc
-serves it from a mapping of its own (its mmap threshold starts at 128 KiB), a page fault per
-4 KiB on first touch: together as much CPU as a second inflate pass. The inflated bytes are
+A span run inflates into megabytes. A fresh buffer each time costs a zero-fill and, since the
+data plane keeps big allocations in mappings of their own (dataplane/memory.py), a page fault
+per 4 KiB on first touch: together as much CPU as a second inflate pass. The inflated bytes are
 copied out of the buffer span by span anyway (the cache keeps `bytes`), so one buffer can serve
 run after run.
 """

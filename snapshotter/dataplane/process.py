@@ -38,6 +38,7 @@ from snapshotter.config import Config
 from snapshotter.dataplane.api import DataPlaneError
 from snapshotter.dataplane.client import socket_path
 from snapshotter.dataplane.lazy import LazyLayers
+from snapshotter.dataplane.memory import pin_mmap_threshold
 from snapshotter.dataplane.plane import LocalDataPlane
 from snapshotter.dataplane.server import DataPlaneServer
 from snapshotter.lifecycle import lock_root, overlays_using, unmount_stale_fuse
@@ -198,6 +199,7 @@ async def run_data_plane(
 ) -> None:
     """Serve until stopped, or, after an upgrade handed over, until the last user is gone."""
     started = time.monotonic()
+    pin_mmap_threshold()
     root = root.absolute()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     proc = _Process(

@@ -9,8 +9,9 @@ from snapshotter.dataplane import memory
 from snapshotter.fetch.spans import ForegroundActivity
 
 
-def test_return_freed_memory_calls_glibc() -> None:
+def test_the_allocator_settings_reach_glibc() -> None:
     assert memory.return_freed_memory()  # this machine runs glibc
+    assert memory.pin_mmap_threshold()
 
 
 def test_trims_once_per_quiet_period_and_periodically() -> None:
