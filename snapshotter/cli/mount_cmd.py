@@ -91,7 +91,8 @@ async def _serve(args: argparse.Namespace, config: Config, ready: Any) -> None:
     workdir = _mount_dir(root, args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
     ref = parse_reference(args.ref)
-    lazy = LazyLayers(config, workdir / "fuse", root / "cache")
+    # Recordings are kept in the root's store, as `pysoci serve` keeps them (atomic files).
+    lazy = LazyLayers(config, workdir / "fuse", root / "cache", recordings_dir=root / "prefetch")
     platform = oci.parse_platform(args.platform) if args.platform else None
     async with (
         registry_client(args, config, [ref]) as client,
@@ -108,6 +109,7 @@ async def _serve(args: argparse.Namespace, config: Config, ready: Any) -> None:
             local_store_dir=root / "content",
         )
         plane = LocalDataPlane(lazy, client, local_store_dir=root / "content")
+        plane.attach(nursery)  # prefetching after each mount runs there
         layers = RemoteLayers(
             resolver, plane, LocalLayers(root / "layers", bounds=unpack_bounds(config))
         )

@@ -283,6 +283,47 @@ def test_a_fresh_node_fetches_the_start_before_the_container(
         node_b.cd.ctr("image", "rm", "--sync", recorded.prefetch_ref, check=False)
 
 
+def test_pysoci_mount_prefetches_and_records(tmp: Path, images: Images, recorded: Recorded) -> None:
+    """`pysoci mount` fetches the published start before anything reads, and records its own
+    start in ROOT/prefetch, as a node does."""
+    root, target, config = tmp / "mount-root", tmp / "mount-dir", tmp / "mount.toml"
+    target.mkdir()
+    config.write_text(
+        pysoci_config("[background_fetch]\ndisable = true\n[prefetch]\nquiet_period_sec = 2\n")
+    )
+    args = ("--root", str(root), "--config", str(config), "--plain-http")
+    _pysoci("mount", recorded.prefetch_ref, str(target), *args)
+    try:
+
+        def fetched() -> int:
+            for path in root.glob("mounts/*/fuse/.status/*.json"):
+                status = json.loads(path.read_text())
+                if status["digest"] == images.base:
+                    return int(status["fetchedSize"])
+            raise AssertionError(f"layer {images.base} is not served")
+
+        want = min(recorded.fetched_by_workload, int(recorded.recording["span_bytes"]))  # type: ignore[call-overload]
+        deadline = time.monotonic() + 60
+        while fetched() < want:  # nothing has read the mount yet
+            assert time.monotonic() < deadline, fetched()
+            time.sleep(0.2)
+        assert _pysoci("prefetch", "show", "--json", "--root", str(root)).count("layer_digest") == 0
+        out = subprocess.run(
+            ["chroot", str(target), "/usr/bin/python3", "-c", WORKLOAD],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.stdout.strip() == "ready", out.stderr
+        shown = _wait_for_recording(root)
+        (image,) = shown["recordings"]
+        (layer,) = image["layers"]  # type: ignore[index]
+        assert layer["layer_digest"] == images.base
+        assert "usr/bin/python3.11" in layer["files"]
+    finally:
+        _pysoci("unmount", str(target), "--root", str(root))
+
+
 @pytest.fixture(scope="module")
 def soci_node(tmp: Path, images: Images) -> Iterator[SociNode]:
     """containerd 1.7 + soci-snapshotter-grpc, SOCI v1 lookups on (`soci rebuild-db`, which
