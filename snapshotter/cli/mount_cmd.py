@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Mount REF's root filesystem read-only at DIR: layers with a zTOC are served "
             "lazily over FUSE (only the spans that are read are fetched, the rest in the "
-            "background), the others are downloaded and unpacked; overlayfs stacks them. The "
+            "background; a start recorded under ROOT/prefetch or published as a SOCI prefetch "
+            "artifact first), the others are downloaded and unpacked; overlayfs stacks them. The "
             "serving process detaches once DIR is ready; stop it with `pysoci unmount DIR`."
         ),
     )
