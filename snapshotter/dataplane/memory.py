@@ -37,9 +37,13 @@ MMAP_THRESHOLD: Final = 1 << 20
 """Allocations from this size get a mapping of their own (a span, a window run, a blob part)."""
 
 
+_LIBC: Final = ctypes.CDLL(None)
+"""The process's own symbols: no library search (find_library runs ldconfig) at import."""
+
+
 def pin_mmap_threshold() -> bool:
     """Keep big buffers in mappings of their own; False where the C library has no mallopt."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # absent outside glibc
+    mallopt = getattr(_LIBC, "mallopt", None)  # absent outside glibc
     if mallopt is None or not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         log.debug("mallopt is not available: big buffers may stay in the heap once freed")
         return False
@@ -47,8 +51,7 @@ def pin_mmap_threshold() -> bool:
 
 
 def _malloc_trim() -> Any:
-    # The process's own symbols: no library search (find_library runs ldconfig) at import.
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent outside glibc
+    trim = getattr(_LIBC, "malloc_trim", None)  # absent outside glibc
     if trim is not None:
         trim.argtypes = [ctypes.c_size_t]
     return trim

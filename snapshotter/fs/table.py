@@ -14,7 +14,6 @@ An entry that the tree gates (fs.tree) is shown only once its tar header has bee
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import json
 import logging
@@ -23,11 +22,12 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Protocol
 
 import numpy as np
 import trio
 
+from snapshotter.dataplane.memory import return_freed_memory
 from snapshotter.errors import PysociError
 from snapshotter.fs.headers import HeaderVerifier
 from snapshotter.fs.tree import (
@@ -295,16 +295,6 @@ class Handle:
     """Directories: (name, ino, gates) taken at opendir, so offsets stay stable."""
 
 
-def _malloc_trim() -> Any:
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent outside glibc
-    if trim is not None:
-        trim.argtypes = [ctypes.c_size_t]
-    return trim
-
-
-_MALLOC_TRIM: Final = _malloc_trim()
-
-
 def _inode_bound(ztoc: Ztoc) -> int:
     """More inode numbers than the tree can use: entries, implicit directories (at most one
     per "/" of the names) and whiteout targets, plus the root."""
@@ -389,10 +379,9 @@ class MountTable:
             time.perf_counter() - started,
         )
         del ztoc, tree, verifier  # the blob and its decoded columns go with ztoc
-        if _MALLOC_TRIM is not None:
-            # Decoding and building allocate and free several times what the tree keeps;
-            # glibc would keep that in its heap (4-5x the tree's own size in RSS).
-            await trio.to_thread.run_sync(_MALLOC_TRIM, 0)
+        # Decoding and building allocate and free several times what the tree keeps;
+        # glibc would keep that in its heap (4-5x the tree's own size in RSS).
+        await trio.to_thread.run_sync(return_freed_memory)
 
     def _build_in_thread(self, ztoc: Ztoc, first_ino: int) -> LayerTree:
         return build_tree(ztoc, first_ino, opaque_xattr=self.opaque_xattr)
